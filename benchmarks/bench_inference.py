@@ -1,0 +1,160 @@
+"""Inference latency and throughput of detr_resnet50 at 800x1066: plain fp32 eager versus each faster mode.
+
+Modes (all on the same random weights and the same input):
+  eager_fp32        the model as built, model.eval(), torch.no_grad()  (the reference)
+  inference_mode    the same model under torch.inference_mode()
+  fold_bn_cl        frozen BatchNorm folded into the convolutions + channels_last (models/fuse.py)
+  compile           fold_bn_cl through torch.compile                    (opt-in: --compile)
+  bf16_autocast     fold_bn_cl under bf16 autocast; changes numbers     (opt-in: --bf16)
+Prints the median latency, s/img, img/s, speed-up and the max abs difference of pred_logits and
+pred_boxes from the reference for each batch size, and writes them as JSON.
+
+    python benchmarks/bench_inference.py                       # batch 1 and 4, 800x1066
+    python benchmarks/bench_inference.py --compile --bf16 --profile
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+
+import torch
+
+from common import (base_parser, machine_info, max_abs_diff, median, print_machine, setup,
+                    sync, time_alternating, write_json)
+from detr_setup import FULL, QUICK, build_detr, random_images
+
+FP32_TOLERANCE = 1e-4
+
+
+def fused_copy(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of the model with BatchNorm folded and channels_last weights; None without models/fuse.py."""
+    try:
+        from models.fuse import fold_frozen_batchnorm, to_channels_last
+    except ImportError as err:
+        print(f"fold_bn_cl: skipped, models/fuse.py not usable ({err})", flush=True)
+        return None
+    fused = copy.deepcopy(model)
+    # The helpers may work in place or return a new module; accept both.
+    folded = fold_frozen_batchnorm(fused)
+    fused = folded if folded is not None else fused
+    converted = to_channels_last(fused)
+    return converted if converted is not None else fused
+
+
+def make_runner(model: torch.nn.Module, images: torch.Tensor, grad_context, autocast_dtype=None):
+    """A no-argument callable running one forward pass; it keeps the last output for comparison."""
+    device_type = images.device.type
+    last: dict = {}
+
+    def run() -> dict:
+        amp = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype
+               else contextlib.nullcontext())
+        with grad_context(), amp:
+            out = model(images)
+        last.update(pred_logits=out["pred_logits"], pred_boxes=out["pred_boxes"])
+        return last
+
+    run.last = last
+    return run
+
+
+def profile(name: str, run, rows: int) -> str:
+    """Operator table (self CPU time) of one forward pass of a mode."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with torch_profile(activities=activities) as prof:
+        run()
+    sort = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows)
+    print(f"\nprofile of {name}:\n{table}", flush=True)
+    return table
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,4; quick 1,2)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
+    parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast (changes numbers)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler tables of eager_fp32 and fold_bn_cl at the first batch size")
+    args = parser.parse_args()
+    device = setup(args)
+    shape = QUICK if args.quick else FULL
+    warmup = args.warmup if args.warmup is not None else 1
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if args.quick else "1,4")).split(",")]
+
+    info = machine_info(device)
+    print_machine(info)
+    print(f"model: {shape}", flush=True)
+
+    model = build_detr(shape, aux_loss=False).eval().to(device)
+    fused = fused_copy(model)
+    if fused is not None:
+        fused = fused.eval().to(device)
+    compiled = None
+    if args.compile and fused is not None:
+        compiled = torch.compile(fused)
+
+    results: dict = {}
+    profiles: dict = {}
+    for batch in batch_sizes:
+        images = random_images(shape, batch).to(device)
+        images_cl = images.contiguous(memory_format=torch.channels_last)
+        modes = {
+            "eager_fp32": make_runner(model, images, torch.no_grad),
+            "inference_mode": make_runner(model, images, torch.inference_mode),
+        }
+        if fused is not None:
+            modes["fold_bn_cl"] = make_runner(fused, images_cl, torch.inference_mode)
+        compile_s = None
+        if compiled is not None:
+            modes["compile"] = make_runner(compiled, images_cl, torch.inference_mode)
+            start = time.perf_counter()
+            modes["compile"]()
+            sync(device)
+            compile_s = time.perf_counter() - start
+            print(f"batch {batch}: torch.compile first call {compile_s:.1f} s", flush=True)
+        if args.bf16 and fused is not None:
+            modes["bf16_autocast"] = make_runner(fused, images_cl, torch.inference_mode, torch.bfloat16)
+
+        times = time_alternating(modes, warmup, repeats, device)
+        reference = modes["eager_fp32"].last
+        base = median(times["eager_fp32"])
+        rows = {}
+        print(f"\nbatch {batch}, {shape.image_hw[0]}x{shape.image_hw[1]}, "
+              f"median of {repeats} (warm-up {warmup}):", flush=True)
+        print(f"{'mode':16s} {'median s':>9s} {'s/img':>8s} {'img/s':>7s} {'speed-up':>8s} {'max|diff|':>10s}")
+        for name, run in modes.items():
+            m = median(times[name])
+            diff = max_abs_diff(run.last, reference)
+            is_fp32 = name != "bf16_autocast"
+            rows[name] = {
+                "median_s": m, "s_per_img": m / batch, "img_per_s": batch / m,
+                "speedup_vs_eager_fp32": base / m, "max_abs_diff": diff, "fp32": is_fp32,
+                "within_1e-4": diff <= FP32_TOLERANCE, "times_s": times[name],
+            }
+            if name == "compile":
+                rows[name]["compile_first_call_s"] = compile_s
+            flag = "" if (not is_fp32 or diff <= FP32_TOLERANCE) else "  EXCEEDS 1e-4"
+            print(f"{name:16s} {m:9.3f} {m / batch:8.3f} {batch / m:7.2f} {base / m:7.2f}x {diff:10.2e}{flag}",
+                  flush=True)
+        results[f"batch_{batch}"] = rows
+        if args.profile and not profiles:
+            for name in ("eager_fp32", "fold_bn_cl"):
+                if name in modes:
+                    profiles[name] = profile(f"{name}, batch {batch}", modes[name], 15)
+
+    write_json("inference", {
+        "benchmark": "inference", "machine": info, "quick": args.quick,
+        "config": {"model": shape.__dict__, "warmup": warmup, "repeats": repeats, "batch_sizes": batch_sizes},
+        "results": results, "profiles": profiles,
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()
