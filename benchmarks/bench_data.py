@@ -1,0 +1,140 @@
+"""Training data pipeline (decode + transforms + collate) in images/s: the project's path versus plain PIL.
+
+Both paths read the same generated JPEGs (COCO-like 640x480 by default, a few boxes each) in the
+same order, in one process (no DataLoader workers: this measures the per-core cost), batch 2:
+  project   torchvision.io decode -> datasets.transforms.make_detr_transforms -> util.misc.collate_fn
+  pil       benchmarks/pil_reference.py: PIL decode -> the same recipe on PIL images -> padding
+for the train recipe (random flip / multi-scale resize / crop) and the val recipe (resize to 800).
+
+    python benchmarks/bench_data.py                 # 100 images, 640x480
+"""
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import pil_reference
+from common import base_parser, machine_info, median, print_machine, setup, write_json
+
+BATCH = 2
+
+
+def make_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0) -> list[tuple[Path, dict]]:
+    """Write `count` JPEGs with smooth content plus noise (roughly photo-like entropy) and box targets."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(count):
+        coarse = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
+        pixels = np.clip(smooth + rng.integers(-12, 13, smooth.shape), 0, 255).astype(np.uint8)
+        path = folder / f"{i:06d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        n = int(rng.integers(1, 8))
+        x0 = rng.uniform(0, width * 0.7, n)
+        y0 = rng.uniform(0, height * 0.7, n)
+        boxes = np.stack([x0, y0, x0 + rng.uniform(10, width * 0.3, n), y0 + rng.uniform(10, height * 0.3, n)], 1)
+        boxes = torch.as_tensor(boxes, dtype=torch.float32)
+        target = {
+            "boxes": boxes, "labels": torch.as_tensor(rng.integers(1, 91, n), dtype=torch.int64),
+            "image_id": torch.tensor([i]), "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+            "iscrowd": torch.zeros(n, dtype=torch.int64),
+            "orig_size": torch.tensor([height, width]), "size": torch.tensor([height, width]),
+        }
+        samples.append((path, target))
+    return samples
+
+
+def project_pipeline(image_set: str):
+    """Callable(samples) running the project's decode + transforms + collate over all samples."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    from datasets.transforms import make_detr_transforms
+    from util.misc import collate_fn
+
+    transforms = make_detr_transforms(image_set)
+
+    def run(samples: list[tuple[Path, dict]]) -> int:
+        batches = 0
+        for start in range(0, len(samples), BATCH):
+            items = []
+            for path, target in samples[start:start + BATCH]:
+                image = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+                items.append(transforms(image, {k: v.clone() for k, v in target.items()}))
+            collate_fn(items)
+            batches += 1
+        return batches
+
+    return run
+
+
+def pil_pipeline(image_set: str):
+    """Callable(samples) running the plain-PIL reference over all samples."""
+    transform = pil_reference.train_transform if image_set == "train" else pil_reference.val_transform
+
+    def run(samples: list[tuple[Path, dict]]) -> int:
+        batches = 0
+        for start in range(0, len(samples), BATCH):
+            items = [transform(pil_reference.decode(str(path)), {k: v.clone() for k, v in target.items()})
+                     for path, target in samples[start:start + BATCH]]
+            pil_reference.collate(items)
+            batches += 1
+        return batches
+
+    return run
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=None, help="number of JPEGs (default 100; quick 4)")
+    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT of the JPEGs (default 640x480; quick 160x120)")
+    args = parser.parse_args()
+    device = setup(args)
+    count = args.images or (4 if args.quick else 100)
+    width, height = (int(v) for v in (args.size or ("160x120" if args.quick else "640x480")).split("x"))
+    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+
+    info = machine_info(device)
+    print_machine(info)
+    print(f"{count} JPEGs of {width}x{height}, batch {BATCH}, single process "
+          f"(data work runs on the CPU whatever --device says)", flush=True)
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = make_jpegs(Path(tmp), count, width, height)
+        for image_set in ("train", "val"):
+            paths = {"project": project_pipeline(image_set), "pil": pil_pipeline(image_set)}
+            times: dict[str, list[float]] = {name: [] for name in paths}
+            for round_index in range(warmup + repeats):
+                for name, run in paths.items():
+                    # Same random draws per round for both paths (they consume them differently).
+                    random.seed(round_index)
+                    torch.manual_seed(round_index)
+                    start = time.perf_counter()
+                    run(samples)
+                    if round_index >= warmup:
+                        times[name].append(time.perf_counter() - start)
+            rows = {name: {"median_s": median(t), "img_per_s": count / median(t), "times_s": t}
+                    for name, t in times.items()}
+            ratio = rows["project"]["img_per_s"] / rows["pil"]["img_per_s"]
+            rows["project_over_pil"] = ratio
+            results[image_set] = rows
+            print(f"{image_set:5s} recipe: project {rows['project']['img_per_s']:7.1f} img/s, "
+                  f"PIL {rows['pil']['img_per_s']:7.1f} img/s, ratio {ratio:.2f}x", flush=True)
+
+    write_json("data", {
+        "benchmark": "data", "machine": info, "quick": args.quick,
+        "config": {"images": count, "width": width, "height": height, "batch": BATCH,
+                   "warmup": warmup, "repeats": repeats},
+        "results": results,
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()
