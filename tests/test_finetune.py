@@ -1,0 +1,123 @@
+"""--finetune: only the class head and query embedding are re-initialised; anything else is an error.
+
+The R50-scale checks build the official checkpoint's state dict from the contract's layout
+(state_dict/detr_resnet50.tsv, random values, no download) and adapt it to 3 classes / 20
+queries; with models/ present they also adapt it into the real full-size model.
+"""
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from util.finetune import adapt_for_finetune
+
+SPEC = Path("/work/shared/spec/state_dict")
+REINITIALISED = ["class_embed.weight", "class_embed.bias", "query_embed.weight"]
+
+
+def _tsv_state_dict(name: str, resize: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Random tensors with the names/shapes of a released architecture (optionally resized)."""
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for line in (SPEC / f"{name}.tsv").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, dtype = line.split("\t")
+        dims = (resize or {}).get(key, [int(d) for d in re.findall(r"\d+", shape)])
+        if dtype == "int64":
+            out[key] = torch.randint(0, 10, dims, generator=generator)
+        else:
+            out[key] = torch.randn(dims, generator=generator)
+    return out
+
+
+class _StateOnly(torch.nn.Module):
+    """A model stand-in holding exactly the given tensors under their dotted names."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self._tensors = tensors
+
+    def state_dict(self, *args, **kwargs):
+        return dict(self._tensors)
+
+
+def _small_r50(prefix: str = "") -> dict[str, list[int]]:
+    return {f"{prefix}class_embed.weight": [4, 256], f"{prefix}class_embed.bias": [4],
+            f"{prefix}query_embed.weight": [20, 256]}
+
+
+def test_r50_checkpoint_adapts_to_3_classes_20_queries():
+    ckpt = _tsv_state_dict("detr_resnet50")
+    model = _StateOnly(_tsv_state_dict("detr_resnet50", _small_r50()))
+    adapted, reinit = adapt_for_finetune(model, ckpt)
+    assert sorted(reinit) == sorted(REINITIALISED)
+    assert adapted["class_embed.weight"].shape == (4, 256)
+    assert adapted["query_embed.weight"].shape == (20, 256)
+    assert torch.equal(adapted["class_embed.bias"], model.state_dict()["class_embed.bias"])
+    assert set(adapted) == set(ckpt)
+    for key, value in ckpt.items():
+        if key not in REINITIALISED:
+            assert torch.equal(adapted[key], value), key
+
+
+def test_mask_model_nested_names_adapt():
+    ckpt = _tsv_state_dict("detr_resnet50_panoptic")
+    model = _StateOnly(_tsv_state_dict("detr_resnet50_panoptic", _small_r50("detr.")))
+    _, reinit = adapt_for_finetune(model, ckpt)
+    assert sorted(reinit) == sorted("detr." + n for n in REINITIALISED)
+
+
+def test_other_backbone_is_an_error_listing_every_mismatch():
+    ckpt = _tsv_state_dict("detr_resnet101")
+    model = _StateOnly(_tsv_state_dict("detr_resnet50", _small_r50()))
+    with pytest.raises(ValueError) as err:
+        adapt_for_finetune(model, ckpt)
+    message = str(err.value)
+    # resnet101 has 17 more bottlenecks in layer3 than resnet50: all listed as unexpected.
+    assert "backbone.0.body.layer3.22.conv1.weight: in the checkpoint but not in the model" in message
+    assert "backbone.0.body.layer3.6.conv1.weight" in message
+    extra = set(ckpt) - set(_tsv_state_dict("detr_resnet50"))
+    assert len(extra) > 100 and all(name in message for name in extra)
+    assert "class_embed.weight" not in message
+
+
+def test_other_width_lists_name_and_both_shapes():
+    ckpt = _tsv_state_dict("detr_resnet50")
+    resized = _small_r50()
+    resized["input_proj.weight"] = [128, 2048, 1, 1]
+    with pytest.raises(ValueError, match=r"input_proj.weight: checkpoint shape \[256, 2048, 1, 1\], "
+                                         r"model shape \[128, 2048, 1, 1\]"):
+        adapt_for_finetune(_StateOnly(_tsv_state_dict("detr_resnet50", resized)), ckpt)
+
+
+def test_class_embed_with_other_width_is_not_silently_reinitialised():
+    ckpt = _tsv_state_dict("detr_resnet50")
+    with pytest.raises(ValueError, match="class_embed.weight: checkpoint shape"):
+        adapt_for_finetune(_StateOnly(_tsv_state_dict("detr_resnet50", {"class_embed.weight": [4, 128]})), ckpt)
+
+
+def _full_size_args(**overrides) -> argparse.Namespace:
+    main = pytest.importorskip("main")
+    args = main.get_args_parser().parse_args(["--backbone_weights", "none", "--device", "cpu"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_real_r50_model_takes_official_shaped_checkpoint():
+    models = pytest.importorskip("models")
+    if not hasattr(models, "build_model"):
+        pytest.skip("models.build_model not written yet")
+    torch.manual_seed(0)
+    model, _, _ = models.build_model(_full_size_args(num_classes=3, num_queries=20))
+    ckpt = _tsv_state_dict("detr_resnet50")
+    adapted, reinit = adapt_for_finetune(model, ckpt)
+    assert sorted(reinit) == sorted(REINITIALISED)
+    model.load_state_dict(adapted, strict=True)
+    for key, value in model.state_dict().items():
+        if key not in REINITIALISED:
+            assert torch.equal(value, ckpt[key]), key
+    assert model.state_dict()["class_embed.weight"].shape == (4, 256)
