@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.hub import HASH_REGEX
 
+from util.finetune import adapt_for_finetune  # noqa: F401  (docs/internals.md lists it here)
+
 # Classes a DETR checkpoint may hold besides tensors and plain containers: the run's `args`
 # (argparse.Namespace, as in the original) and paths, should a caller's args carry them.
 SAFE_GLOBALS: list[type] = [
