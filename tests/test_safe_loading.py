@@ -59,6 +59,16 @@ def test_load_checkpoint_refuses_without_executing(tmp_path, as_url):
     assert not marker.exists()
 
 
+def test_https_url_through_hub_cache_is_refused_without_executing():
+    # The release name is already in the (test-isolated) hub cache, so nothing is downloaded.
+    hub_checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    hub_checkpoints.mkdir(parents=True, exist_ok=True)
+    _, marker = _malicious_checkpoint(hub_checkpoints, "detr-r50-e632da11.pth")
+    with pytest.raises(CheckpointError, match=REFUSAL):
+        load_checkpoint("https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth")
+    assert not marker.exists()
+
+
 def test_raw_pickle_is_refused_without_executing(tmp_path):
     import pickle
 
