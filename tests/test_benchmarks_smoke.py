@@ -1,0 +1,109 @@
+"""Each benchmark script runs in its --quick configuration and writes the figures it promises.
+
+The scripts run as users run them (`python benchmarks/bench_x.py --quick --out FILE`); the JSON
+is checked for its machine block, positive times, and for the fast modes giving the plain path's
+numbers (fp32 within 1e-4, COCO stats equal). Scripts whose project modules are not there yet are
+skipped with the missing module named.
+"""
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, out: Path, *extra: str) -> dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    data = json.loads(out.read_text())
+    machine = data["machine"]
+    assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["device"] == "cpu"
+    assert data["quick"] is True
+    return data
+
+
+def require(*modules: str) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            pytest.skip(f"{name} is not importable yet ({err})")
+
+
+def test_inference_fast_modes_match_plain_path(tmp_path):
+    require("models.backbone", "models.detr", "models.position_encoding", "models.transformer", "models.fuse")
+    data = run_bench("bench_inference.py", tmp_path / "inf.json", "--warmup", "0", "--repeats", "1", "--bf16")
+    assert set(data["results"]) == {"batch_1", "batch_2"}
+    for rows in data["results"].values():
+        assert {"eager_fp32", "inference_mode", "fold_bn_cl", "bf16_autocast"} <= set(rows)
+        assert rows["eager_fp32"]["max_abs_diff"] == 0.0
+        for name, row in rows.items():
+            assert row["median_s"] > 0 and row["img_per_s"] > 0
+            if row["fp32"]:
+                assert row["max_abs_diff"] <= 1e-4, (name, row["max_abs_diff"])
+        # bf16 really ran in another precision: its outputs are not bit-identical to fp32.
+        assert 0 < rows["bf16_autocast"]["max_abs_diff"] < 0.5
+
+
+def test_train_step_modes_match_and_report_memory(tmp_path):
+    require("models.backbone", "models.detr", "models.position_encoding", "models.transformer", "models.matcher")
+    data = run_bench("bench_train_step.py", tmp_path / "train.json", "--warmup", "0", "--repeats", "1")
+    rows = data["results"]
+    assert set(rows) == {"eager_fp32", "channels_last"}
+    reference = rows["eager_fp32"]["first_loss"]
+    assert reference > 0
+    assert rows["channels_last"]["first_loss_abs_diff"] <= 1e-4 * max(1.0, abs(reference))
+    for row in rows.values():
+        assert row["median_s"] > 0
+        assert row["peak_rss_mb"] >= row["rss_before_step_mb"] > 0
+
+
+def test_data_pipeline_both_paths_measured(tmp_path):
+    require("datasets.transforms", "util.misc")
+    data = run_bench("bench_data.py", tmp_path / "data.json")
+    for recipe in ("train", "val"):
+        rows = data["results"][recipe]
+        assert rows["project"]["img_per_s"] > 0 and rows["pil"]["img_per_s"] > 0
+        assert rows["project_over_pil"] == pytest.approx(rows["project"]["img_per_s"] / rows["pil"]["img_per_s"])
+
+
+def test_coco_eval_backends_give_the_same_12_numbers(tmp_path):
+    data = run_bench("bench_coco_eval.py", tmp_path / "eval.json")
+    rows = data["results"]
+    reference = rows["pycocotools"]["stats"]
+    assert len(reference) == 12 and 0 < reference[0] < 1
+    for name, row in rows.items():
+        assert row["median_s"] > 0
+        assert row["stats"] == pytest.approx(reference, abs=1e-12), name
+
+
+def test_hf_peer_skips_cleanly_without_transformers(tmp_path):
+    if importlib.util.find_spec("transformers") is not None:
+        pytest.skip("transformers is installed: the peer comparison really runs (not a smoke test)")
+    data = run_bench("bench_hf_detr.py", tmp_path / "hf.json")
+    assert "transformers is not installed" in data["skipped"]
+
+
+def test_pil_baseline_recipe_geometry():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pil_reference
+    from PIL import Image
+
+    # Short side to 800 with the long side capped at 1333: 640x480 -> 1066x800; 480x2000 -> short 320, long 1333.
+    assert pil_reference.resized_hw(640, 480, 800, 1333) == (800, 1066)
+    assert pil_reference.resized_hw(480, 2000, 800, 1333) == (1333, 320)
+    img = Image.new("RGB", (100, 50))
+    _, flipped = pil_reference.hflip(img, torch.tensor([[10.0, 5.0, 30.0, 25.0]]))
+    assert flipped.tolist() == [[70.0, 5.0, 90.0, 25.0]]
+    tensor, target = pil_reference.val_transform(img, {"boxes": torch.tensor([[10.0, 5.0, 30.0, 25.0]]),
+                                                       "labels": torch.tensor([3])})
+    assert tuple(tensor.shape) == (3, 666, 1332)
+    assert torch.allclose(target["boxes"], torch.tensor([[0.2, 0.3, 0.2, 0.4]]))
+    images, mask, _ = pil_reference.collate([(torch.ones(3, 2, 3), {}), (torch.ones(3, 4, 1), {})])
+    assert images.shape == (2, 3, 4, 3) and mask.sum().item() == 6 + 8
