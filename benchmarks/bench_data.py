@@ -1,7 +1,8 @@
 """Training data pipeline (decode + transforms + collate) in images/s: the project's path versus plain PIL.
 
 Both paths read the same generated JPEGs (COCO-like 640x480 by default, a few boxes each) in the
-same order, in one process (no DataLoader workers: this measures the per-core cost), batch 2:
+same order, in one process with one torch thread (as in a DataLoader worker; --threads to
+change), batch 2, the same Python random seed per round for both paths:
   project   torchvision.io decode -> datasets.transforms.make_detr_transforms -> util.misc.collate_fn
   pil       benchmarks/pil_reference.py: PIL decode -> the same recipe on PIL images -> padding
 for the train recipe (random flip / multi-scale resize / crop) and the val recipe (resize to 800).
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None, help="number of JPEGs (default 100; quick 4)")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT of the JPEGs (default 640x480; quick 160x120)")
     args = parser.parse_args()
+    if args.threads is None:
+        args.threads = 1  # what each DataLoader worker runs with; PIL is single-threaded too
     device = setup(args)
     count = args.images or (4 if args.quick else 100)
     width, height = (int(v) for v in (args.size or ("160x120" if args.quick else "640x480")).split("x"))
