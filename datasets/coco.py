@@ -1,0 +1,269 @@
+"""COCO detection: image files + an instances JSON -> (image, target) pairs for DETR.
+
+Layout of --coco_path (as the original): train2017/, val2017/,
+annotations/instances_{train,val}2017.json. Each item is `transforms(image, target)` with the
+target of docs/internals.md: `boxes [N,4]` absolute xyxy float32 (clamped to the image),
+`labels [N]` int64 (COCO category ids), `masks [N,H,W]` uint8 (with return_masks), `image_id [1]`,
+`area [N]`, `iscrowd [N]`, `orig_size`/`size` (h, w). Crowd annotations are dropped, as are boxes
+with no width or height after clamping (counted once per annotation file, logged as a warning).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+import torchvision.io
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+
+from datasets.transforms import make_detr_transforms
+
+logger = logging.getLogger(__name__)
+# torchvision 0.29 announces the move of its decoders to TorchCodec on every call; the decoders
+# still work and are the fast path here, so the notice would only flood the training log.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+
+COCO_NUM_CLASSES = 91
+# Formats torchvision.io decodes natively; anything else PIL can open goes through PIL.
+TORCHVISION_FORMATS = {"JPEG", "PNG", "WEBP", "GIF"}
+
+
+def _where(path: Path, ann_file: str | Path | None) -> str:
+    return f"{path}" + (f" (listed in {ann_file})" if ann_file else "")
+
+
+def _open_header(path: Path, ann_file: str | Path | None) -> PIL.Image.Image:
+    """Open the file lazily with PIL (header only): existence, format and the pixel-count limit."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {_where(path, ann_file)}; check the image "
+                                f"folder and the file_name entries of the annotation file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            header = PIL.Image.open(path)
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as err:
+        raise ValueError(f"image refused: {_where(path, ann_file)} has more pixels than PIL's "
+                         f"decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS = "
+                         f"{PIL.Image.MAX_IMAGE_PIXELS}): {err}. If the image is genuine, raise "
+                         f"PIL.Image.MAX_IMAGE_PIXELS or downscale the file") from None
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"unreadable image {_where(path, ann_file)}: {err}; the file is not an "
+                         f"image PIL or torchvision can read (replace or remove it)") from None
+    return header
+
+
+def decode_image(path: str | Path, ann_file: str | Path | None = None) -> torch.Tensor:
+    """The image file as a uint8 RGB tensor [3,H,W], upright by its EXIF orientation.
+
+    Grayscale, RGBA (alpha dropped), palette and CMYK become RGB. Missing files, files that are
+    not images, truncated files and images above PIL.Image.MAX_IMAGE_PIXELS raise with the file
+    (and the annotation file listing it) in the message.
+    """
+    path = Path(path)
+    header = _open_header(path, ann_file)
+    image_format = header.format
+    header.close()
+    if image_format not in TORCHVISION_FORMATS:
+        return _pil_to_tensor(decode_image_pil(path, ann_file))
+    try:
+        data = torchvision.io.read_file(str(path))
+        return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB,
+                                           apply_exif_orientation=True)
+    except RuntimeError as err:
+        raise ValueError(f"unreadable image {_where(path, ann_file)}: {err}; the file is damaged "
+                         f"or truncated (re-export or remove it)") from None
+
+
+def decode_image_pil(path: str | Path, ann_file: str | Path | None = None) -> PIL.Image.Image:
+    """Reference path on plain PIL: the file as an RGB PIL image, EXIF orientation applied."""
+    path = Path(path)
+    header = _open_header(path, ann_file)
+    try:
+        with header:
+            image = PIL.ImageOps.exif_transpose(header)
+            return image.convert("RGB")
+    except OSError as err:
+        raise ValueError(f"unreadable image {_where(path, ann_file)}: {err}; the file is damaged "
+                         f"or truncated (re-export or remove it)") from None
+
+
+def _pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def load_coco_api(ann_file: str | Path) -> COCO:
+    """A pycocotools COCO index of the JSON file; clear errors for missing, empty or bad JSON."""
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    if ann_file.stat().st_size == 0:
+        raise ValueError(f"annotation file {ann_file} is empty (0 bytes); re-export it as "
+                         f"COCO-format JSON")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            dataset = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"annotation file {ann_file} is not valid JSON: {err}; re-export it as "
+                         f"COCO-format JSON") from None
+    if not isinstance(dataset, dict) or "images" not in dataset:
+        raise ValueError(f"annotation file {ann_file} is not COCO format: expected a JSON object "
+                         f"with 'images', 'annotations' and 'categories'")
+    for key in ("annotations", "categories"):
+        dataset.setdefault(key, [])
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def xywh_to_clamped_xyxy(bbox: list | np.ndarray, height: int, width: int) -> np.ndarray:
+    """COCO [x, y, w, h] boxes [N,4] -> xyxy [N,4] clamped to the image (float32)."""
+    boxes = np.asarray(bbox, dtype=np.float32).reshape(-1, 4).copy()
+    boxes[:, 2:] += boxes[:, :2]
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    return boxes
+
+
+def segmentation_to_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (polygon list, uncompressed or compressed RLE) -> uint8 mask [H,W]."""
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return np.zeros((height, width), dtype=np.uint8)
+        rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation.get("counts"), list):
+        rle = coco_mask.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return coco_mask.decode(rle).astype(np.uint8)
+
+
+class ConvertCocoPolysToMask:
+    """(image size, image id, COCO annotations) -> the target dict (docs/internals.md)."""
+
+    def __init__(self, return_masks: bool = False):
+        self.return_masks = return_masks
+
+    def __call__(self, hw: tuple[int, int], image_id: int, annotations: list[dict]) -> dict:
+        h, w = hw
+        anns = [a for a in annotations if a.get("iscrowd", 0) == 0]
+        boxes = xywh_to_clamped_xyxy([a["bbox"] for a in anns], h, w)
+        keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+        anns = [a for a, k in zip(anns, keep) if k]
+        target = {
+            "boxes": torch.from_numpy(boxes[keep]),
+            "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
+            "image_id": torch.tensor([image_id]),
+            "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32),
+            "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in anns], dtype=torch.int64),
+            "orig_size": torch.tensor([h, w]),
+            "size": torch.tensor([h, w]),
+        }
+        if self.return_masks:
+            masks = [segmentation_to_mask(a.get("segmentation", []), h, w) for a in anns]
+            target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
+                               else torch.zeros((0, h, w), dtype=torch.uint8))
+        return target
+
+
+def count_degenerate_boxes(coco: COCO) -> int:
+    """Non-crowd boxes with no width or height once clamped to their image (dropped in training)."""
+    count = 0
+    for ann in coco.dataset["annotations"]:
+        if ann.get("iscrowd", 0):
+            continue
+        img = coco.imgs.get(ann["image_id"], {})
+        box = xywh_to_clamped_xyxy(ann["bbox"], img.get("height", 1 << 30), img.get("width", 1 << 30))[0]
+        count += int(not (box[2] > box[0] and box[3] > box[1]))
+    return count
+
+
+def check_category_ids(coco: COCO, num_classes: int, ann_file: str | Path) -> None:
+    """Raise, naming the first offending annotation, if a category id does not fit num_classes."""
+    for ann in coco.dataset["annotations"]:
+        category = ann.get("category_id")
+        if not isinstance(category, int) or category < 0 or category >= num_classes:
+            file_name = coco.imgs.get(ann.get("image_id"), {}).get("file_name", "?")
+            raise ValueError(
+                f"{ann_file}: annotation id {ann.get('id')} (image {file_name}) has category id "
+                f"{category}, but the model has num_classes={num_classes} (valid ids 0.."
+                f"{num_classes - 1}); pass --num_classes {max_category_id(coco) + 1} (max category "
+                f"id + 1) or fix the annotation")
+
+
+def max_category_id(coco: COCO) -> int:
+    """Largest category id among the categories and the annotations (-1 when there are none)."""
+    ids = [c["id"] for c in coco.dataset["categories"]]
+    ids += [a["category_id"] for a in coco.dataset["annotations"] if isinstance(a.get("category_id"), int)]
+    return max(ids, default=-1)
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images of `img_folder` listed in `ann_file`, in the order of their sorted image ids.
+
+    Item: `transforms(image uint8 [3,H,W], target)` (untransformed target when transforms is None).
+    Attributes: `coco` (pycocotools index, also the evaluation ground truth), `ids`,
+    `category_names` {id: name}, `degenerate_boxes` (count of dropped boxes).
+    """
+
+    def __init__(self, img_folder: str | Path, ann_file: str | Path, transforms: Callable | None,
+                 return_masks: bool = False, num_classes: int | None = None):
+        self.img_folder = Path(img_folder)
+        self.ann_file = Path(ann_file)
+        if not self.img_folder.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.img_folder} (images of {self.ann_file})")
+        self.coco = load_coco_api(self.ann_file)
+        self.ids = sorted(self.coco.imgs.keys())
+        self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in self.coco.dataset["categories"]}
+        if num_classes is not None:
+            check_category_ids(self.coco, num_classes, self.ann_file)
+        self.degenerate_boxes = count_degenerate_boxes(self.coco)
+        if self.degenerate_boxes:
+            logger.warning("%s: %d box(es) with width or height <= 0 after clamping to the image "
+                           "are dropped", self.ann_file, self.degenerate_boxes)
+        self._transforms = transforms
+        self.prepare = ConvertCocoPolysToMask(return_masks)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        image = decode_image(self.img_folder / info["file_name"], self.ann_file)
+        annotations = self.coco.imgToAnns.get(image_id, [])
+        target = self.prepare((int(image.shape[-2]), int(image.shape[-1])), image_id, annotations)
+        if self._transforms is not None:
+            image, target = self._transforms(image, target)
+        return image, target
+
+
+def build(image_set: str, args) -> CocoDetection:
+    """The original's --coco_path layout; `args.masks`, `args.image_scale`, `args.num_classes` read."""
+    if not getattr(args, "coco_path", None):
+        raise ValueError("--dataset_file coco needs --coco_path (a folder with train2017/, val2017/ "
+                         "and annotations/instances_{train,val}2017.json)")
+    root = Path(args.coco_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--coco_path {root} does not exist")
+    folders = {
+        "train": (root / "train2017", root / "annotations" / "instances_train2017.json"),
+        "val": (root / "val2017", root / "annotations" / "instances_val2017.json"),
+    }
+    if image_set not in folders:
+        raise ValueError(f"unknown image_set {image_set!r}: expected 'train' or 'val'")
+    img_folder, ann_file = folders[image_set]
+    num_classes = getattr(args, "num_classes", None) or COCO_NUM_CLASSES
+    return CocoDetection(img_folder, ann_file,
+                         transforms=make_detr_transforms(image_set, getattr(args, "image_scale", 1.0)),
+                         return_masks=bool(getattr(args, "masks", False)), num_classes=num_classes)
