@@ -3,7 +3,8 @@
 Both paths read the same generated JPEGs (COCO-like 640x480 by default, a few boxes each) in the
 same order, in one process with one torch thread (as in a DataLoader worker; --threads to
 change), batch 2, the same Python random seed per round for both paths:
-  project   torchvision.io decode -> datasets.transforms.make_detr_transforms -> util.misc.collate_fn
+  project   datasets.coco.decode_image (torchvision.io) -> datasets.transforms.make_detr_transforms
+            -> util.misc.collate_fn
   pil       benchmarks/pil_reference.py: PIL decode -> the same recipe on PIL images -> padding
 for the train recipe (random flip / multi-scale resize / crop) and the val recipe (resize to 800).
 
@@ -53,8 +54,7 @@ def make_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0)
 
 def project_pipeline(image_set: str):
     """Callable(samples) running the project's decode + transforms + collate over all samples."""
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
+    from datasets.coco import decode_image
     from datasets.transforms import make_detr_transforms
     from util.misc import collate_fn
 
@@ -65,7 +65,7 @@ def project_pipeline(image_set: str):
         for start in range(0, len(samples), BATCH):
             items = []
             for path, target in samples[start:start + BATCH]:
-                image = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+                image = decode_image(path)
                 items.append(transforms(image, {k: v.clone() for k, v in target.items()}))
             collate_fn(items)
             batches += 1

@@ -65,7 +65,7 @@ def test_train_step_modes_match_and_report_memory(tmp_path):
 
 
 def test_data_pipeline_both_paths_measured(tmp_path):
-    require("datasets.transforms", "util.misc")
+    require("datasets.coco", "datasets.transforms", "util.misc")
     data = run_bench("bench_data.py", tmp_path / "data.json")
     for recipe in ("train", "val"):
         rows = data["results"][recipe]
