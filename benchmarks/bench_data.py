@@ -52,6 +52,39 @@ def make_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0)
     return samples
 
 
+class StageClock:
+    """Accumulates seconds per stage (decode, transforms, collate) over one pass."""
+
+    def __init__(self):
+        self.seconds = {"decode": 0.0, "transforms": 0.0, "collate": 0.0}
+        self._last = 0.0
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] += now - self._last
+        self._last = now
+
+
+def run_pipeline(samples: list[tuple[Path, dict]], decode, transform, collate) -> dict[str, float]:
+    """Decode, transform and collate all samples in batches of BATCH; returns seconds per stage."""
+    clock = StageClock()
+    for start in range(0, len(samples), BATCH):
+        items = []
+        for path, target in samples[start:start + BATCH]:
+            clock.start()
+            image = decode(path)
+            clock.lap("decode")
+            items.append(transform(image, {k: v.clone() for k, v in target.items()}))
+            clock.lap("transforms")
+        clock.start()
+        collate(items)
+        clock.lap("collate")
+    return clock.seconds
+
+
 def project_pipeline(image_set: str):
     """Callable(samples) running the project's decode + transforms + collate over all samples."""
     from datasets.coco import decode_image
@@ -59,35 +92,14 @@ def project_pipeline(image_set: str):
     from util.misc import collate_fn
 
     transforms = make_detr_transforms(image_set)
-
-    def run(samples: list[tuple[Path, dict]]) -> int:
-        batches = 0
-        for start in range(0, len(samples), BATCH):
-            items = []
-            for path, target in samples[start:start + BATCH]:
-                image = decode_image(path)
-                items.append(transforms(image, {k: v.clone() for k, v in target.items()}))
-            collate_fn(items)
-            batches += 1
-        return batches
-
-    return run
+    return lambda samples: run_pipeline(samples, decode_image, transforms, collate_fn)
 
 
 def pil_pipeline(image_set: str):
     """Callable(samples) running the plain-PIL reference over all samples."""
     transform = pil_reference.train_transform if image_set == "train" else pil_reference.val_transform
-
-    def run(samples: list[tuple[Path, dict]]) -> int:
-        batches = 0
-        for start in range(0, len(samples), BATCH):
-            items = [transform(pil_reference.decode(str(path)), {k: v.clone() for k, v in target.items()})
-                     for path, target in samples[start:start + BATCH]]
-            pil_reference.collate(items)
-            batches += 1
-        return batches
-
-    return run
+    return lambda samples: run_pipeline(samples, lambda p: pil_reference.decode(str(p)), transform,
+                                        pil_reference.collate)
 
 
 def main() -> None:
@@ -114,22 +126,30 @@ def main() -> None:
         for image_set in ("train", "val"):
             paths = {"project": project_pipeline(image_set), "pil": pil_pipeline(image_set)}
             times: dict[str, list[float]] = {name: [] for name in paths}
+            stages: dict[str, list[dict]] = {name: [] for name in paths}
             for round_index in range(warmup + repeats):
                 for name, run in paths.items():
-                    # Same random draws per round for both paths (they consume them differently).
+                    # Same random draws per round for both paths (both use Python's random in the
+                    # original's order, so they mostly pick the same sizes).
                     random.seed(round_index)
                     torch.manual_seed(round_index)
                     start = time.perf_counter()
-                    run(samples)
+                    seconds = run(samples)
                     if round_index >= warmup:
                         times[name].append(time.perf_counter() - start)
-            rows = {name: {"median_s": median(t), "img_per_s": count / median(t), "times_s": t}
+                        stages[name].append(seconds)
+            rows = {name: {"median_s": median(t), "img_per_s": count / median(t), "times_s": t,
+                           "ms_per_img": {stage: 1000 * median([s[stage] for s in stages[name]]) / count
+                                          for stage in stages[name][0]}}
                     for name, t in times.items()}
             ratio = rows["project"]["img_per_s"] / rows["pil"]["img_per_s"]
             rows["project_over_pil"] = ratio
             results[image_set] = rows
             print(f"{image_set:5s} recipe: project {rows['project']['img_per_s']:7.1f} img/s, "
                   f"PIL {rows['pil']['img_per_s']:7.1f} img/s, ratio {ratio:.2f}x", flush=True)
+            for name in paths:
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in rows[name]["ms_per_img"].items())
+                print(f"      {name:8s} ms/img: {parts}", flush=True)
 
     write_json("data", {
         "benchmark": "data", "machine": info, "quick": args.quick,
