@@ -1,0 +1,212 @@
+"""predict.py: a folder of mixed pictures -> predictions.json (loadRes-valid) + one drawn picture each."""
+import argparse
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+import predict
+
+TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",
+        "--nheads", "2", "--enc_layers", "1", "--dec_layers", "1", "--num_queries", "10", "--image_scale", "0.16",
+        "--num_workers", "0", "--device", "cpu"]
+SPEC = Path("/work/shared/spec/state_dict")
+
+
+def _have_model_code() -> bool:
+    try:
+        import main  # noqa: F401
+        from models import build_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_model = pytest.mark.skipif(not _have_model_code(), reason="main.py / models.build_model not present yet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures in: EXIF, modes, non-pictures
+
+
+def _exif_rotated(path: Path) -> None:
+    """A 40x20 picture stored sideways with EXIF orientation 6 (display rotated 90 degrees clockwise)."""
+    stored = Image.new("RGB", (20, 40), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 10))  # red at the stored top -> displayed at the right
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif.tobytes())
+
+
+def test_load_rgb_honours_exif_orientation(tmp_path):
+    _exif_rotated(tmp_path / "rot.jpg")
+    image = predict.load_rgb(tmp_path / "rot.jpg")
+    assert image.size == (40, 20) and image.mode == "RGB"
+    right, left = image.getpixel((35, 10)), image.getpixel((5, 10))
+    assert right[0] > 200 and right[2] < 60
+    assert left[2] > 200 and left[0] < 60
+
+
+def test_load_rgb_converts_every_mode(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.save(tmp_path / "a.png")
+    Image.new("L", (8, 8), 100).save(tmp_path / "g.png")
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    Image.fromarray(np.full((8, 8), 4000, dtype=np.uint16)).save(tmp_path / "d.png")
+    a = predict.load_rgb(tmp_path / "a.png")
+    assert a.getpixel((0, 0)) == (255, 255, 255) and a.getpixel((1, 1)) == (255, 0, 0)  # alpha over white
+    assert predict.load_rgb(tmp_path / "g.png").getpixel((3, 3)) == (100, 100, 100)
+    cyan_free = predict.load_rgb(tmp_path / "c.jpg").getpixel((3, 3))
+    assert cyan_free[0] > 200 and cyan_free[1] < 60
+    assert predict.load_rgb(tmp_path / "d.png").mode == "RGB"
+
+
+def test_load_rgb_warns_and_skips_text(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.warns(UserWarning, match=r"skipping .*notes.txt: not a readable picture"):
+        assert predict.load_rgb(tmp_path / "notes.txt") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-processing and flags
+
+
+def test_detections_restricts_to_real_categories_and_scales_boxes():
+    logits = torch.tensor([[[0.0, 5.0, 1.0, 0.0], [0.0, 0.0, 0.5, 3.0]]])  # 3 classes + no-object
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])
+    out = predict.detections({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100.0, 200.0]]),
+                             valid_ids=[0, 2], threshold=0.01)[0]
+    # Query 0 prefers class 1, which is not a category: its best real class is 2.
+    assert out["labels"].tolist() == [2, 2]
+    probs = logits.softmax(-1)[0]
+    assert out["scores"].tolist() == pytest.approx([probs[0, 2].item(), probs[1, 2].item()])
+    assert out["boxes"][0].tolist() == pytest.approx([50.0, 25.0, 150.0, 75.0])
+    high = predict.detections({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100.0, 200.0]]),
+                              valid_ids=None, threshold=0.5)[0]
+    assert high["labels"].tolist() == [1] and high["queries"].tolist() == [0]
+
+
+def _tsv_state_dict(name):
+    state = {}
+    for line in (SPEC / f"{name}.tsv").read_text().splitlines():
+        if not line.startswith("#") and line.strip():
+            key, shape, _ = line.split("\t")
+            state[key] = torch.zeros([int(d) for d in re.findall(r"\d+", shape)])
+    return state
+
+
+def test_shape_flags_inferred_from_released_weights():
+    r50 = predict.shape_args_from_state_dict(_tsv_state_dict("detr_resnet50"))
+    assert r50 == {"masks": False, "num_classes": 91, "num_queries": 100, "hidden_dim": 256, "enc_layers": 6,
+                   "dec_layers": 6, "dim_feedforward": 2048, "pre_norm": False, "backbone": "resnet50"}
+    panoptic = predict.shape_args_from_state_dict(_tsv_state_dict("detr_resnet50_panoptic"))
+    assert panoptic["masks"] and panoptic["num_classes"] == 250
+    assert predict.shape_args_from_state_dict(_tsv_state_dict("detr_resnet101"))["backbone"] == "resnet101"
+
+
+@needs_model
+def test_explicit_flags_beat_checkpoint_args():
+    argv = ["--resume", "x.pth", "--img_dirs", "d", "--nheads", "4", "--threshold", "0.3"]
+    args = predict.get_args_parser().parse_args(argv)
+    saved = argparse.Namespace(**vars(args))
+    saved.nheads, saved.enc_layers, saved.threshold, saved.device, saved.dropout = 2, 3, 0.9, "cuda", 0.25
+    state = {"class_embed.weight": torch.zeros(6, 8), "query_embed.weight": torch.zeros(7, 8)}
+    merged = predict.apply_checkpoint_args(args, predict.explicit_flags(argv), {"model": state, "args": saved})
+    assert merged.nheads == 4  # explicit
+    assert merged.dropout == 0.25  # from the checkpoint's args
+    assert (merged.num_classes, merged.num_queries, merged.hidden_dim) == (5, 7, 8)  # from its weights
+    assert merged.threshold == 0.3 and merged.device is None  # run options never come from the checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+
+
+def _tiny_checkpoint(path: Path, extra: list[str] = ()) -> argparse.Namespace:
+    import main
+    from models import build_model
+
+    args = main.get_args_parser().parse_args(TINY + ["--num_classes", "5", *extra])
+    torch.manual_seed(0)
+    model, _, _ = build_model(args)
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 0,
+                "category_names": {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four"}}, path)
+    return args
+
+
+def _picture_folder(root: Path) -> Path:
+    folder = root / "pics"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(folder / "photo.jpg")
+    rgba = rng.integers(0, 255, (100, 80, 4), dtype=np.uint8)
+    rgba[:10, :, 3] = 0
+    Image.fromarray(rgba, mode="RGBA").save(folder / "alpha.png")
+    Image.fromarray(rng.integers(0, 255, (70, 70), dtype=np.uint8), mode="L").save(folder / "gray.png")
+    _exif_rotated(folder / "rotated.jpg")
+    (folder / "readme.txt").write_text("not a picture")
+    return folder
+
+
+def _changed_fraction_on_outline(original: Image.Image, drawn: Image.Image, bbox: list[float]) -> float:
+    a, b = np.asarray(original, dtype=int), np.asarray(drawn, dtype=int)
+    x0, y0 = int(bbox[0]), int(bbox[1])
+    x1, y1 = min(int(bbox[0] + bbox[2]), a.shape[1] - 1), min(int(bbox[1] + bbox[3]), a.shape[0] - 1)
+    ys = np.arange(y0, y1 + 1)
+    changed = np.abs(a[ys, x0] - b[ys, x0]).sum(-1) > 0  # the left edge
+    return float(changed.mean())
+
+
+@needs_model
+def test_predict_folder_end_to_end(tmp_path, recwarn):
+    _tiny_checkpoint(tmp_path / "ckpt.pth")
+    folder = _picture_folder(tmp_path)
+    out = tmp_path / "out"
+    summary = predict.main(["--resume", str(tmp_path / "ckpt.pth"), "--img_dirs", str(folder),
+                            "--output_dir", str(out), "--threshold", "0", "--batch_size", "3"])
+    assert summary["images"] == 4 and summary["skipped"] == [str(folder / "readme.txt")]
+    assert any("readme.txt" in str(w.message) for w in recwarn)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(out / "images.json"))
+        dt = gt.loadRes(str(out / "predictions.json"))
+    assert len(dt.getAnnIds()) == 4 * 10  # threshold 0 keeps every query
+    images = {im["file_name"]: im for im in json.loads((out / "images.json").read_text())["images"]}
+    assert set(images) == {"pics/photo.jpg", "pics/alpha.png", "pics/gray.png", "pics/rotated.jpg"}
+    assert (images["pics/rotated.jpg"]["width"], images["pics/rotated.jpg"]["height"]) == (40, 20)
+    predictions = json.loads((out / "predictions.json").read_text())
+    for p in predictions:
+        assert p["category_name"] == ["zero", "one", "two", "three", "four"][p["category_id"]]
+        image = images[p["file_name"]]
+        assert p["image_id"] == image["id"]
+        x, y, w, h = p["bbox"]
+        assert 0 <= x <= x + w <= image["width"] + 1e-3 and 0 <= y <= y + h <= image["height"] + 1e-3
+
+    for name in images:
+        drawn_path = (out / "pictures" / name).with_suffix(".png")
+        drawn = Image.open(drawn_path).convert("RGB")
+        original = predict.load_rgb(folder / Path(name).name)
+        assert drawn.size == original.size
+        mine = [p for p in predictions if p["file_name"] == name]
+        biggest = max(mine, key=lambda p: p["bbox"][2] * p["bbox"][3])
+        assert _changed_fraction_on_outline(original, drawn, biggest["bbox"]) > 0.5, name
+    assert not (out / "pictures" / "pics" / "readme.png").exists()
+
+
+@needs_model
+def test_explicit_shape_flag_wins_and_a_wrong_one_is_a_clear_error(tmp_path):
+    from util.checkpoint import CheckpointError
+
+    _tiny_checkpoint(tmp_path / "ckpt.pth")
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "one.png")
+    with pytest.raises((CheckpointError, SystemExit, RuntimeError), match="query|queries"):
+        predict.main(["--resume", str(tmp_path / "ckpt.pth"), "--img_dirs", str(tmp_path / "one.png"),
+                      "--output_dir", str(tmp_path / "out"), "--num_queries", "12"])
