@@ -1,0 +1,103 @@
+"""Dataset entry points: build by --dataset_file, the evaluation ground truth, class counts.
+
+--dataset_file: coco, coco_panoptic (the original's), shapes, shapes_panoptic (the embedded
+generated data, see datasets/shapes.py), custom (a COCO-format export, see datasets/custom.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from datasets import coco, coco_panoptic, custom, shapes
+
+DATASET_FILES = ("coco", "coco_panoptic", "shapes", "shapes_panoptic", "custom")
+
+
+def _kind(args) -> str:
+    kind = getattr(args, "dataset_file", "coco")
+    if kind not in DATASET_FILES:
+        raise ValueError(f"unknown --dataset_file {kind!r}; choose one of {', '.join(DATASET_FILES)}")
+    return kind
+
+
+def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
+    """The 'train' or 'val' dataset of args.dataset_file; items are (image [3,H,W], target)."""
+    kind = _kind(args)
+    if kind == "coco":
+        return coco.build(image_set, args)
+    if kind == "coco_panoptic":
+        return coco_panoptic.build(image_set, args)
+    if kind == "shapes":
+        return shapes.build(image_set, args)
+    if kind == "shapes_panoptic":
+        return shapes.build_panoptic(image_set, args)
+    return custom.build(image_set, args)
+
+
+def get_coco_api_from_dataset(dataset):
+    """The pycocotools COCO ground truth behind a dataset (Subsets unwrapped)."""
+    for _ in range(10):
+        if not isinstance(dataset, torch.utils.data.Subset):
+            break
+        dataset = dataset.dataset
+    if not hasattr(dataset, "coco"):
+        raise TypeError(f"{type(dataset).__name__} has no COCO ground truth (.coco)")
+    return dataset.coco
+
+
+def _shapes_categories(args, panoptic: bool) -> list[dict]:
+    root = shapes.ensure_from_args(args)
+    name = "panoptic_val2017.json" if panoptic else "instances_val2017.json"
+    return json.loads((root / "annotations" / name).read_text())["categories"]
+
+
+def _required(args) -> tuple[int | None, int | None]:
+    """(classes the annotations need, largest category id), None where not read (COCO)."""
+    kind = _kind(args)
+    if kind in ("shapes", "shapes_panoptic"):
+        largest = max(c["id"] for c in _shapes_categories(args, kind == "shapes_panoptic"))
+        return largest + 1, largest
+    if kind == "custom":
+        return custom.required_num_classes(args)
+    return None, None
+
+
+def infer_num_classes(args) -> int:
+    """args.num_classes when given (error if below max category id + 1), else the dataset's count.
+
+    coco: 91, coco_panoptic: 250 (the original's); shapes, shapes_panoptic, custom: max category
+    id + 1 from the annotation files.
+    """
+    required, largest = _required(args)
+    given = getattr(args, "num_classes", None)
+    if given is not None:
+        if required is not None and given < required:
+            raise ValueError(f"--num_classes {given} is too small: the annotations use category id {largest}, "
+                             f"so at least --num_classes {required} (max category id + 1) is needed")
+        return int(given)
+    if required is not None:
+        return required
+    return coco_panoptic.COCO_PANOPTIC_NUM_CLASSES if _kind(args) == "coco_panoptic" else coco.COCO_NUM_CLASSES
+
+
+def panoptic_thing_ids(args) -> list[int] | None:
+    """Thing category ids for the panoptic post-processor; None means COCO's rule (id <= 90)."""
+    if _kind(args) == "shapes_panoptic":
+        return sorted(c["id"] for c in _shapes_categories(args, True) if c.get("isthing", 1))
+    return None
+
+
+def category_names(args) -> dict[int, str]:
+    """{category id: name} of the dataset (COCO's from its val annotation file)."""
+    kind = _kind(args)
+    if kind in ("shapes", "shapes_panoptic"):
+        return {c["id"]: c["name"] for c in _shapes_categories(args, kind == "shapes_panoptic")}
+    if kind == "custom":
+        return custom.category_names(args)
+    if kind == "coco":
+        ann = Path(args.coco_path) / "annotations" / "instances_val2017.json"
+    else:
+        ann = Path(args.coco_panoptic_path) / "annotations" / "panoptic_val2017.json"
+    return {c["id"]: c["name"] for c in json.loads(ann.read_text())["categories"]}

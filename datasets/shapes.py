@@ -1,0 +1,242 @@
+"""The embedded dataset: coloured circles, squares and triangles over sky and ground.
+
+Generated deterministically (seeded) on first use, laid out like COCO so every COCO path runs on it:
+    ROOT/train2017/*.jpg, ROOT/val2017/*.jpg
+    ROOT/annotations/instances_{train,val}2017.json   things only, polygon segmentations
+    ROOT/annotations/panoptic_{train,val}2017.json    things + stuff, segments_info
+    ROOT/panoptic_{train,val}2017/*.png               segment ids as id = R + 256 G + 256^2 B
+    ROOT/shapes.json                                  the generation parameters (written last)
+Categories: 1 circle, 2 square, 3 triangle (things), 4 sky, 5 ground (stuff, panoptic only).
+Generation happens in a temporary sibling folder renamed into place, so an interrupted run
+never leaves a half-written dataset; a folder holding another generation is an error.
+
+    python -m datasets.shapes --out data/shapes --train_size 256 --val_size 64 --image_size 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+FORMAT_VERSION = 1
+THINGS = {1: ("circle", (220, 40, 40)), 2: ("square", (40, 70, 220)), 3: ("triangle", (240, 200, 30))}
+STUFF = {4: ("sky", (150, 200, 240)), 5: ("ground", (90, 140, 60))}
+MAX_OBJECTS = 5
+
+
+def _shape_polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
+    """Vertices (x, y) of a shape centred at (cx, cy) with circumradius `radius`."""
+    sides = {"circle": 32, "square": 4, "triangle": 3}[kind]
+    start = angle + (math.pi / 4 if kind == "square" else -math.pi / 2)
+    return [(cx + radius * math.cos(start + 2 * math.pi * k / sides),
+             cy + radius * math.sin(start + 2 * math.pi * k / sides)) for k in range(sides)]
+
+
+def _overlap(a: list[float], b: list[float]) -> float:
+    """Intersection area of xyxy boxes a and b over the smaller box's area."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return w * h / smaller
+
+
+def _draw_scene(rng: np.random.Generator, image_size: int):
+    """One image: (RGB uint8 [H,W,3], segment-id map int32 [H,W], segments, things).
+
+    segments: [(segment id, category id)] in id order; things: [(category id, polygon)].
+    """
+    aspect = rng.uniform(0.75, 1.33)
+    width, height = (image_size, max(16, round(image_size / aspect))) if aspect >= 1 else \
+        (max(16, round(image_size * aspect)), image_size)
+    horizon = rng.uniform(0.3, 0.7) * height
+    tilt = rng.uniform(-0.15, 0.15) * height
+    ys, xs = np.mgrid[0:height, 0:width]
+    is_sky = ys < horizon + tilt * (xs / width - 0.5)
+    pixels = np.where(is_sky[..., None], STUFF[4][1], STUFF[5][1]).astype(np.float32)
+    # Vertical shading and noise give the stuff classes a texture instead of flat colour.
+    pixels *= (0.85 + 0.3 * ys / height)[..., None]
+    pixels += rng.normal(0, 6, pixels.shape)
+    ids = np.where(is_sky, 4000, 5000).astype(np.int32)
+
+    count = 0 if rng.random() < 0.1 else int(rng.integers(1, MAX_OBJECTS + 1))
+    things, placed = [], []
+    short = min(width, height)
+    for _ in range(count * 10):
+        if len(things) == count:
+            break
+        category = int(rng.integers(1, 4))
+        radius = rng.uniform(0.1, 0.25) * short
+        cx, cy = rng.uniform(radius * 0.7, width - radius * 0.7), rng.uniform(radius * 0.7, height - radius * 0.7)
+        box = [cx - radius, cy - radius, cx + radius, cy + radius]
+        if any(_overlap(box, other) > 0.35 for other in placed):
+            continue
+        placed.append(box)
+        things.append((category, _shape_polygon(THINGS[category][0], cx, cy, radius, rng.uniform(0, 2 * math.pi))))
+
+    canvas = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    id_map = Image.fromarray(ids)
+    id_draw = ImageDraw.Draw(id_map)
+    for index, (category, polygon) in enumerate(things):
+        jitter = rng.integers(-25, 26, 3)
+        colour = tuple(int(c) for c in np.clip(np.array(THINGS[category][1]) + jitter, 0, 255))
+        draw.polygon(polygon, fill=colour)
+        id_draw.polygon(polygon, fill=category * 1000 + index + 1)
+    segments = [(4000, 4), (5000, 5)] + [(c * 1000 + i + 1, c) for i, (c, _) in enumerate(things)]
+    return np.asarray(canvas), np.asarray(id_map, dtype=np.int32), segments, things
+
+
+def _ids_to_rgb(ids: np.ndarray) -> np.ndarray:
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
+
+
+def _categories(with_stuff: bool) -> list[dict]:
+    cats = [{"id": i, "name": n, "supercategory": "shape", "isthing": 1, "color": list(c)}
+            for i, (n, c) in THINGS.items()]
+    if with_stuff:
+        cats += [{"id": i, "name": n, "supercategory": "background", "isthing": 0, "color": list(c)}
+                 for i, (n, c) in STUFF.items()]
+    return cats
+
+
+def _write_split(root: Path, split: str, size: int, image_size: int, seed: int) -> None:
+    from pycocotools import mask as coco_mask
+
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    image_dir, png_dir = root / f"{split}2017", root / f"panoptic_{split}2017"
+    image_dir.mkdir()
+    png_dir.mkdir()
+    images, instances, panoptic = [], [], []
+    for image_id in range(1, size + 1):
+        pixels, id_map, segments, things = _draw_scene(rng, image_size)
+        height, width = id_map.shape
+        file_name = f"{image_id:06d}.jpg"
+        Image.fromarray(pixels).save(image_dir / file_name, quality=90)
+        Image.fromarray(_ids_to_rgb(id_map)).save(png_dir / f"{image_id:06d}.png")
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for category, polygon in things:
+            flat = [round(v, 2) for xy in polygon for v in xy]
+            rle = coco_mask.frPyObjects([flat], height, width)
+            x, y, w, h = coco_mask.toBbox(rle)[0].tolist()
+            instances.append({"id": len(instances) + 1, "image_id": image_id, "category_id": category,
+                              "segmentation": [flat], "area": float(coco_mask.area(rle)[0]),
+                              "bbox": [x, y, w, h], "iscrowd": 0})
+        infos = []
+        for segment_id, category in segments:
+            ys, xs = np.nonzero(id_map == segment_id)
+            if len(xs) == 0:  # hidden by later shapes or a band outside the picture
+                continue
+            x0, y0 = int(xs.min()), int(ys.min())
+            infos.append({"id": segment_id, "category_id": category, "iscrowd": 0, "area": int(len(xs)),
+                          "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]})
+        panoptic.append({"image_id": image_id, "file_name": f"{image_id:06d}.png", "segments_info": infos})
+    annotations = root / "annotations"
+    with open(annotations / f"instances_{split}2017.json", "w") as f:
+        json.dump({"images": images, "annotations": instances, "categories": _categories(False)}, f)
+    with open(annotations / f"panoptic_{split}2017.json", "w") as f:
+        json.dump({"images": images, "annotations": panoptic, "categories": _categories(True)}, f)
+
+
+def ensure_shapes(root: str | Path, train_size: int = 256, val_size: int = 64, image_size: int = 128,
+                  seed: int = 0) -> Path:
+    """The dataset folder `root`, generated first if absent; returns `root` as a Path.
+
+    A folder generated with the same parameters is reused as it is; one holding another
+    generation (or other files) raises ValueError naming both, since mixing would be silent.
+    """
+    root = Path(root)
+    params = {"format_version": FORMAT_VERSION, "train_size": int(train_size), "val_size": int(val_size),
+              "image_size": int(image_size), "seed": int(seed)}
+    if min(train_size, val_size) < 1 or image_size < 16:
+        raise ValueError(f"shapes: need train_size, val_size >= 1 and image_size >= 16, got {params}")
+    existing = _read_marker(root)
+    if existing == params:
+        return root
+    if existing is not None or (root.exists() and any(root.iterdir())):
+        raise ValueError(
+            f"{root} already holds {'shapes data generated with ' + json.dumps(existing) if existing else 'other files'}, "
+            f"not the requested {json.dumps(params)}; pass another --data_path or delete {root}")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        (tmp / "annotations").mkdir()
+        for split, size in (("train", train_size), ("val", val_size)):
+            _write_split(tmp, split, size, image_size, seed)
+        (tmp / "shapes.json").write_text(json.dumps(params))
+        if root.exists():
+            root.rmdir()  # empty (checked above); os.rename needs it gone
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            # Another process (a second rank) finished first: use its copy if it is the same data.
+            if _read_marker(root) != params:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _read_marker(root: Path) -> dict | None:
+    try:
+        return json.loads((root / "shapes.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_from_args(args) -> Path:
+    """ensure_shapes with args.data_path and the args.shapes_* sizes (defaults where absent)."""
+    return ensure_shapes(getattr(args, "data_path", None) or "data/shapes",
+                         train_size=getattr(args, "shapes_train_size", 256),
+                         val_size=getattr(args, "shapes_val_size", 64),
+                         image_size=getattr(args, "shapes_image_size", 128),
+                         seed=getattr(args, "shapes_seed", 0))
+
+
+def build(image_set: str, args):
+    """`--dataset_file shapes`: COCO detection (instance masks with --masks) over the generated data."""
+    from datasets.coco import CocoDetection
+    from datasets.transforms import make_detr_transforms
+
+    root = ensure_from_args(args)
+    return CocoDetection(root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json",
+                         transforms=make_detr_transforms(image_set, getattr(args, "image_scale", 1.0)),
+                         return_masks=bool(getattr(args, "masks", False)),
+                         num_classes=getattr(args, "num_classes", None))
+
+
+def build_panoptic(image_set: str, args):
+    """`--dataset_file shapes_panoptic`: panoptic targets (things and stuff) over the generated data."""
+    from datasets.coco_panoptic import CocoPanoptic
+    from datasets.transforms import make_detr_transforms
+
+    root = ensure_from_args(args)
+    return CocoPanoptic(root / f"{image_set}2017", root / f"panoptic_{image_set}2017",
+                        root / "annotations" / f"panoptic_{image_set}2017.json",
+                        transforms=make_detr_transforms(image_set, getattr(args, "image_scale", 1.0)),
+                        return_masks=bool(getattr(args, "masks", True)),
+                        num_classes=getattr(args, "num_classes", None))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Generate the shapes dataset (COCO layout).")
+    parser.add_argument("--out", default="data/shapes", help="dataset folder to create")
+    parser.add_argument("--train_size", type=int, default=256)
+    parser.add_argument("--val_size", type=int, default=64)
+    parser.add_argument("--image_size", type=int, default=128, help="long side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    root = ensure_shapes(args.out, args.train_size, args.val_size, args.image_size, args.seed)
+    print(f"shapes dataset ready in {root}")
+
+
+if __name__ == "__main__":
+    main()
