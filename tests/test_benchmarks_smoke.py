@@ -55,10 +55,11 @@ def test_train_step_modes_match_and_report_memory(tmp_path):
     require("models.backbone", "models.detr", "models.position_encoding", "models.transformer", "models.matcher")
     data = run_bench("bench_train_step.py", tmp_path / "train.json", "--warmup", "0", "--repeats", "1")
     rows = data["results"]
-    assert set(rows) == {"eager_fp32", "channels_last"}
+    assert set(rows) == {"eager_fp32", "channels_last", "fold_bn_cl"}
     reference = rows["eager_fp32"]["first_loss"]
     assert reference > 0
-    assert rows["channels_last"]["first_loss_abs_diff"] <= 1e-4 * max(1.0, abs(reference))
+    for name in ("channels_last", "fold_bn_cl"):
+        assert rows[name]["first_loss_abs_diff"] <= 1e-4 * max(1.0, abs(reference)), name
     for row in rows.values():
         assert row["median_s"] > 0
         assert row["peak_rss_mb"] >= row["rss_before_step_mb"] > 0
