@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import (base_parser, machine_info, max_abs_diff, median, print_machine, setup,
+from common import (base_parser, machine_info, max_abs_diff, median, print_machine, profile_table, setup,
                     sync, time_alternating, write_json)
 from detr_setup import FULL, QUICK, build_detr, random_images
 
@@ -57,21 +57,6 @@ def make_runner(model: torch.nn.Module, images: torch.Tensor, grad_context, auto
 
     run.last = last
     return run
-
-
-def profile(name: str, run, rows: int) -> str:
-    """Operator table (self CPU time) of one forward pass of a mode."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(ProfilerActivity.CUDA)
-    with torch_profile(activities=activities) as prof:
-        run()
-    sort = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=rows)
-    print(f"\nprofile of {name}:\n{table}", flush=True)
-    return table
 
 
 def main() -> None:
@@ -147,7 +132,7 @@ def main() -> None:
         if args.profile and not profiles:
             for name in ("eager_fp32", "fold_bn_cl"):
                 if name in modes:
-                    profiles[name] = profile(f"{name}, batch {batch}", modes[name], 15)
+                    profiles[name] = profile_table(f"{name}, batch {batch}", modes[name], 15, device)
 
     write_json("inference", {
         "benchmark": "inference", "machine": info, "quick": args.quick,

@@ -20,7 +20,7 @@ import copy
 
 import torch
 
-from common import (base_parser, machine_info, median, peak_rss_mb, print_machine, reset_peak_rss,
+from common import (base_parser, machine_info, median, peak_rss_mb, print_machine, profile_table, reset_peak_rss,
                     rss_mb, setup, time_alternating, write_json)
 from detr_setup import FULL, QUICK, build_criterion, build_detr, build_optimizer, random_images, random_targets
 from train_fold_prototype import fold_frozen_bn_for_training
@@ -55,21 +55,6 @@ def make_step(model, criterion, images, targets, device):
 
     step.record = record
     return step
-
-
-def profile(name: str, step, rows: int) -> str:
-    """Operator table (self time) of one training step of a mode."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(ProfilerActivity.CUDA)
-    with torch_profile(activities=activities) as prof:
-        step()
-    sort = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=rows)
-    print(f"\nprofile of {name}:\n{table}", flush=True)
-    return table
 
 
 def main() -> None:
@@ -130,7 +115,7 @@ def main() -> None:
     profiles = {}
     if args.profile:
         for name, step in modes.items():
-            profiles[name] = profile(name, step, 15)
+            profiles[name] = profile_table(name, step, 15, device)
 
     write_json("train_step", {
         "benchmark": "train_step", "machine": info, "quick": args.quick,

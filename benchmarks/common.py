@@ -156,3 +156,17 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
                  keys: tuple[str, ...] = ("pred_logits", "pred_boxes")) -> float:
     """Largest absolute difference over the given output tensors (compared in fp32)."""
     return max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
+
+
+def profile_table(name: str, fn: Callable[[], object], rows: int, device: torch.device) -> str:
+    """torch.profiler operator table (sorted by self time) of one call of fn; printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows)
+    print(f"\nprofile of {name}:\n{table}", flush=True)
+    return table
