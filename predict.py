@@ -32,7 +32,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import PIL.Image
@@ -81,13 +81,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def explicit_flags(argv: list[str]) -> set[str]:
+def explicit_flags(argv: list[str], make_parser: Callable[[], argparse.ArgumentParser] | None = None) -> set[str]:
     """The dests the command line sets itself (so checkpoint values must not replace them).
 
-    Parses `argv` again with a fresh parser whose defaults are all suppressed: only the flags
-    actually given end up in the namespace.
+    Parses `argv` again with a fresh parser (from `make_parser`, default this script's) whose
+    defaults are all suppressed: only the flags actually given end up in the namespace.
     """
-    probe = get_args_parser()
+    probe = (make_parser or get_args_parser)()
     probe._defaults.clear()
     for action in probe._actions:
         action.default = argparse.SUPPRESS
