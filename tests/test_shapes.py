@@ -1,0 +1,125 @@
+"""The embedded shapes dataset: deterministic, COCO layout, consistent instances and panoptic files."""
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datasets import build_dataset, infer_num_classes, panoptic_thing_ids
+from datasets import shapes
+from datasets.coco_panoptic import rgb_to_id
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return shapes.ensure_shapes(tmp_path_factory.mktemp("s") / "shapes", train_size=40, val_size=4, image_size=48)
+
+
+def _args(root, **kw):
+    return argparse.Namespace(dataset_file="shapes", data_path=str(root), shapes_train_size=40, shapes_val_size=4,
+                              shapes_image_size=48, image_scale=0.4, masks=False, num_classes=None, **kw)
+
+
+def test_layout_is_coco_like(root):
+    for split, size in (("train", 40), ("val", 4)):
+        assert len(list((root / f"{split}2017").glob("*.jpg"))) == size
+        assert len(list((root / f"panoptic_{split}2017").glob("*.png"))) == size
+        for kind in ("instances", "panoptic"):
+            assert (root / "annotations" / f"{kind}_{split}2017.json").is_file()
+    with Image.open(root / "train2017" / "000001.jpg") as image:
+        assert image.format == "JPEG" and max(image.size) == 48
+
+
+def test_same_seed_gives_identical_files(root, tmp_path):
+    again = shapes.ensure_shapes(tmp_path / "again", train_size=40, val_size=4, image_size=48)
+    for name in ("annotations/instances_train2017.json", "annotations/panoptic_val2017.json",
+                 "train2017/000007.jpg", "panoptic_train2017/000007.png"):
+        assert (root / name).read_bytes() == (again / name).read_bytes()
+    other = shapes.ensure_shapes(tmp_path / "other", train_size=40, val_size=4, image_size=48, seed=1)
+    assert (root / "train2017/000001.jpg").read_bytes() != (other / "train2017/000001.jpg").read_bytes()
+
+
+def test_objects_per_image_and_categories(root):
+    instances = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    counts = {img["id"]: 0 for img in instances["images"]}
+    for ann in instances["annotations"]:
+        counts[ann["image_id"]] += 1
+        x, y, w, h = ann["bbox"]
+        assert w > 0 and h > 0 and ann["area"] > 0 and len(ann["segmentation"][0]) >= 6
+    assert min(counts.values()) == 0 and max(counts.values()) <= 5  # some images are empty
+    assert {a["category_id"] for a in instances["annotations"]} == {1, 2, 3}
+    assert [c["name"] for c in instances["categories"]] == ["circle", "square", "triangle"]
+
+
+def test_panoptic_png_matches_segments_info(root):
+    panoptic = json.loads((root / "annotations" / "panoptic_train2017.json").read_text())
+    isthing = {c["id"]: c["isthing"] for c in panoptic["categories"]}
+    assert set(isthing.values()) == {0, 1}
+    seen_thing = seen_stuff = False
+    for ann in panoptic["annotations"][:10]:
+        ids = rgb_to_id(np.asarray(Image.open(root / "panoptic_train2017" / ann["file_name"])))
+        listed = {s["id"]: s for s in ann["segments_info"]}
+        assert set(np.unique(ids).tolist()) == set(listed)  # every pixel labelled, no VOID
+        for seg in ann["segments_info"]:
+            ys, xs = np.nonzero(ids == seg["id"])
+            assert seg["area"] == len(xs)
+            assert seg["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            seen_thing |= bool(isthing[seg["category_id"]])
+            seen_stuff |= not isthing[seg["category_id"]]
+    assert seen_thing and seen_stuff
+
+
+def test_reused_when_complete_and_other_parameters_refused(root):
+    stamp = (root / "train2017" / "000001.jpg").stat().st_mtime_ns
+    assert shapes.ensure_shapes(root, train_size=40, val_size=4, image_size=48) == root
+    assert (root / "train2017" / "000001.jpg").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="train_size.*--data_path"):
+        shapes.ensure_shapes(root, train_size=41, val_size=4, image_size=48)
+
+
+def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shapes, "_write_split", fail)
+    with pytest.raises(KeyboardInterrupt):
+        shapes.ensure_shapes(tmp_path / "shapes", train_size=2, val_size=1, image_size=32)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_files_shapes_and_coco_read_the_same_data(root):
+    args = _args(root)
+    via_shapes = build_dataset("val", args)
+    via_coco = build_dataset("val", argparse.Namespace(dataset_file="coco", coco_path=str(root), image_scale=0.4,
+                                                       masks=False, num_classes=None))
+    for i in range(len(via_shapes)):
+        a, b = via_shapes[i], via_coco[i]
+        assert (a[0] == b[0]).all() and (a[1]["boxes"] == b[1]["boxes"]).all()
+    assert infer_num_classes(args) == 4
+    panoptic_args = _args(root)
+    panoptic_args.dataset_file, panoptic_args.masks = "shapes_panoptic", True
+    assert infer_num_classes(panoptic_args) == 6 and panoptic_thing_ids(panoptic_args) == [1, 2, 3]
+    image, target = build_dataset("val", panoptic_args)[0]
+    assert set(target["labels"].tolist()) & {4, 5} and target["masks"].shape[-2:] == image.shape[-2:]
+
+
+def test_command_line_entry(tmp_path, repo_root):
+    out = tmp_path / "cli"
+    result = subprocess.run([sys.executable, "-m", "datasets.shapes", "--out", str(out), "--train_size", "3",
+                             "--val_size", "2", "--image_size", "32"], cwd=repo_root, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert len(list((out / "train2017").glob("*.jpg"))) == 3
+    assert json.loads((out / "shapes.json").read_text())["image_size"] == 32
+
+
+def test_default_size_generates_in_seconds(tmp_path):
+    start = time.perf_counter()
+    root = shapes.ensure_shapes(tmp_path / "default")
+    elapsed = time.perf_counter() - start
+    assert len(list((root / "train2017").glob("*.jpg"))) == 256
+    assert elapsed < 20, f"default shapes generation took {elapsed:.1f} s"
