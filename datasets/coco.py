@@ -145,7 +145,7 @@ def segmentation_to_mask(segmentation: list | dict, height: int, width: int) -> 
         rle = coco_mask.frPyObjects(segmentation, height, width)
     else:
         rle = segmentation
-    return coco_mask.decode(rle).astype(np.uint8)
+    return coco_mask.decode([rle])[:, :, 0].astype(np.uint8)
 
 
 class ConvertCocoPolysToMask:
