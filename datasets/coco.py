@@ -56,8 +56,8 @@ def _open_header(path: Path, ann_file: str | Path | None) -> PIL.Image.Image:
                          f"{PIL.Image.MAX_IMAGE_PIXELS}): {err}. If the image is genuine, raise "
                          f"PIL.Image.MAX_IMAGE_PIXELS or downscale the file") from None
     except (OSError, SyntaxError) as err:
-        raise ValueError(f"unreadable image {_where(path, ann_file)}: {err}; the file is not an "
-                         f"image PIL or torchvision can read (replace or remove it)") from None
+        raise ValueError(f"unreadable image {_where(path, ann_file)}: {err}; the file is damaged, "
+                         f"truncated or not an image (re-export or remove it)") from None
     return header
 
 
@@ -79,8 +79,8 @@ def decode_image(path: str | Path, ann_file: str | Path | None = None) -> torch.
         return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB,
                                            apply_exif_orientation=True)
     except RuntimeError as err:
-        raise ValueError(f"unreadable image {_where(path, ann_file)}: {err}; the file is damaged "
-                         f"or truncated (re-export or remove it)") from None
+        raise ValueError(f"unreadable image {_where(path, ann_file)}: {err}; the file is damaged, "
+                         f"truncated or not an image (re-export or remove it)") from None
 
 
 def decode_image_pil(path: str | Path, ann_file: str | Path | None = None) -> PIL.Image.Image:
@@ -92,8 +92,8 @@ def decode_image_pil(path: str | Path, ann_file: str | Path | None = None) -> PI
             image = PIL.ImageOps.exif_transpose(header)
             return image.convert("RGB")
     except OSError as err:
-        raise ValueError(f"unreadable image {_where(path, ann_file)}: {err}; the file is damaged "
-                         f"or truncated (re-export or remove it)") from None
+        raise ValueError(f"unreadable image {_where(path, ann_file)}: {err}; the file is damaged, "
+                         f"truncated or not an image (re-export or remove it)") from None
 
 
 def _pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
