@@ -1,0 +1,397 @@
+"""Train or evaluate DETR: flags -> datasets -> model -> weights -> loop -> run directory.
+
+Run directory (--output_dir), as the original: checkpoint.pth every epoch, checkpointNNNN.pth
+when (epoch + 1) is a multiple of --lr_drop or 100, log.txt (one JSON line per epoch),
+eval/latest.pth and eval/NNN.pth (epoch % 50 == 0); eval.pth with --eval; plus TensorBoard
+scalars in tensorboard/.
+
+Exact resume: at the start of every epoch the Python, NumPy and torch generators are reseeded
+from (seed, rank, epoch), the sampler's generator from (seed, epoch) and the DataLoader's worker
+seeds from (seed, rank, epoch); so an epoch's data order, augmentation and dropout do not depend
+on what ran before it, and "2 epochs" equals "1 epoch + --resume + 1 epoch" bit for bit on CPU,
+with --num_workers 0 and also with workers (same --num_workers on both sides).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+import datasets
+from engine import AMP_MODES, NonFiniteLossError, autocast_context, evaluate, make_grad_scaler, train_one_epoch
+from models import build_model
+from util import distributed as dist_utils
+from util.checkpoint import (CheckpointError, adapt_for_finetune, capture_rng_state, ensure_writable_dir,
+                             load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
+from util.nested_tensor import collate_fn
+from util.tensorboard import TensorboardWriter
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Every flag of the original main.py (same defaults) plus the project's own; add_help=False
+    so other scripts (run_with_submitit.py, predict.py) can use it as a parent parser."""
+    parser = argparse.ArgumentParser("Set transformer detector", add_help=False)
+    parser.add_argument("--lr", default=1e-4, type=float)
+    parser.add_argument("--lr_backbone", default=1e-5, type=float,
+                        help="backbone learning rate; 0 or less freezes the backbone")
+    parser.add_argument("--batch_size", default=2, type=int, help="images per process")
+    parser.add_argument("--weight_decay", default=1e-4, type=float)
+    parser.add_argument("--epochs", default=300, type=int)
+    parser.add_argument("--lr_drop", default=200, type=int, help="StepLR step size in epochs (lr x0.1)")
+    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm; 0 disables")
+
+    # Model parameters
+    parser.add_argument("--frozen_weights", type=str, default=None,
+                        help="path/URL of a trained box model; only the mask head is trained (needs --masks)")
+    # * Backbone
+    parser.add_argument("--backbone", default="resnet50", type=str, help="torchvision ResNet name")
+    parser.add_argument("--dilation", action="store_true",
+                        help="replace stride by dilation in the last block (DC5)")
+    parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"))
+    parser.add_argument("--backbone_weights", default="imagenet", type=str,
+                        help="'imagenet' (torchvision file in the torch hub cache), 'none' (random init, "
+                             "trainable BatchNorm) or a path; ignored when --resume/--frozen_weights/--finetune "
+                             "provide the weights")
+    # * Transformer
+    parser.add_argument("--enc_layers", default=6, type=int)
+    parser.add_argument("--dec_layers", default=6, type=int)
+    parser.add_argument("--dim_feedforward", default=2048, type=int)
+    parser.add_argument("--hidden_dim", default=256, type=int)
+    parser.add_argument("--dropout", default=0.1, type=float)
+    parser.add_argument("--nheads", default=8, type=int)
+    parser.add_argument("--num_queries", default=100, type=int)
+    parser.add_argument("--pre_norm", action="store_true")
+    parser.add_argument("--num_classes", default=None, type=int,
+                        help="classes (max category id + 1); default: inferred from the dataset")
+    # * Segmentation
+    parser.add_argument("--masks", action="store_true", help="train the segmentation head")
+    parser.add_argument("--mask_loss_on_padding", action="store_true",
+                        help="count padded pixels in the mask losses (the original's behaviour)")
+
+    # Loss
+    parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                        help="disable the auxiliary decoding losses")
+    # * Matcher
+    parser.add_argument("--set_cost_class", default=1, type=float)
+    parser.add_argument("--set_cost_bbox", default=5, type=float)
+    parser.add_argument("--set_cost_giou", default=2, type=float)
+    # * Loss coefficients
+    parser.add_argument("--mask_loss_coef", default=1, type=float)
+    parser.add_argument("--dice_loss_coef", default=1, type=float)
+    parser.add_argument("--bbox_loss_coef", default=5, type=float)
+    parser.add_argument("--giou_loss_coef", default=2, type=float)
+    parser.add_argument("--eos_coef", default=0.1, type=float, help="relative weight of the no-object class")
+
+    # Dataset parameters
+    parser.add_argument("--dataset_file", default="coco", choices=datasets.DATASET_FILES)
+    parser.add_argument("--coco_path", type=str)
+    parser.add_argument("--coco_panoptic_path", type=str)
+    parser.add_argument("--remove_difficult", action="store_true")
+    parser.add_argument("--data_path", default="data/shapes", type=str,
+                        help="where the shapes data is generated on first use")
+    parser.add_argument("--shapes_train_size", default=256, type=int)
+    parser.add_argument("--shapes_val_size", default=64, type=int)
+    parser.add_argument("--shapes_image_size", default=128, type=int)
+    parser.add_argument("--train_images", type=str, help="custom: training image folder")
+    parser.add_argument("--train_annotations", type=str, help="custom: training COCO-format JSON")
+    parser.add_argument("--val_images", type=str, help="custom: validation image folder")
+    parser.add_argument("--val_annotations", type=str, help="custom: validation COCO-format JSON")
+    parser.add_argument("--image_scale", default=1.0, type=float,
+                        help="multiplies every image size of the augmentation recipe")
+
+    parser.add_argument("--output_dir", default="", help="where to save; empty = save nothing")
+    parser.add_argument("--device", default="cuda", help="device for training/testing (cuda, cuda:N, cpu)")
+    parser.add_argument("--seed", default=42, type=int, help="seed; each process adds its rank")
+    parser.add_argument("--resume", default="", help="checkpoint path or https/file URL to resume from")
+    parser.add_argument("--finetune", default="", help="checkpoint path/URL whose weights start a fresh run "
+                        "(epoch 0, new optimizer; class head/queries of another shape re-initialised)")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
+    parser.add_argument("--eval", action="store_true", help="evaluate only")
+    parser.add_argument("--eval_every", default=1, type=int,
+                        help="evaluate every N epochs during training (and after the last); 0 = never")
+    parser.add_argument("--eval_backend", default="pycocotools", choices=("pycocotools", "faster"))
+    parser.add_argument("--num_workers", default=2, type=int)
+    parser.add_argument("--amp", default="off", choices=AMP_MODES,
+                        help="autocast dtype for the forward pass (fp16 needs CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for train and eval")
+    parser.add_argument("--print_freq", default=10, type=int)
+    parser.add_argument("--tb_freq", default=50, type=int, help="TensorBoard loss every N iterations")
+
+    # distributed training parameters
+    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeding
+
+
+def derived_seed(*parts: int) -> int:
+    """A 32-bit seed mixed from integers (seed, rank, epoch, ...); distinct tuples rarely collide."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def _checkpoint_args_backbone(checkpoint: dict) -> str:
+    return getattr(checkpoint.get("args"), "backbone_weights", "imagenet")
+
+
+def _load_finetune(model: torch.nn.Module, source: str, checkpoint: dict) -> None:
+    """Checkpoint weights into `model`; class head / queries of another shape re-initialised."""
+    state = checkpoint["model"]
+    target = model
+    # A box checkpoint into a --masks model: the weights belong to the inner detr.
+    if hasattr(model, "detr") and not any(k.startswith("detr.") for k in state):
+        target = model.detr
+    try:
+        state, reinitialised = adapt_for_finetune(target, state)
+    except ValueError as err:
+        raise CheckpointError(f"--finetune {source}: {err}") from err
+    load_model_state(target, state, what=f"checkpoint {source}")
+    if reinitialised:
+        print(f"--finetune {source}: re-initialised (shape differs from the checkpoint): {', '.join(reinitialised)}")
+    else:
+        print(f"--finetune {source}: every tensor loaded from the checkpoint")
+
+
+def _trim_log(output_dir: Path, start_epoch: int) -> None:
+    """Drop log.txt lines of epochs >= start_epoch (written by a run killed before its checkpoint)."""
+    log = output_dir / "log.txt"
+    if not log.is_file() or not dist_utils.is_main_process():
+        return
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("epoch", -1) < start_epoch]
+    if len(kept) != len(lines):
+        tmp = log.with_name(".log.txt.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(log)
+
+
+def _eval_payload(coco_evaluator: Any) -> dict[str, Any]:
+    """The bbox COCOeval `eval` dict (counts, date, precision, recall, scores) with arrays as
+    tensors and params as plain lists, so it loads with weights_only=True."""
+    ev = coco_evaluator.coco_eval["bbox"].eval
+    out: dict[str, Any] = {}
+    for key, value in ev.items():
+        if isinstance(value, np.ndarray):
+            out[key] = torch.from_numpy(np.ascontiguousarray(value))
+        elif key == "params":
+            out[key] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(value).items()}
+        else:
+            out[key] = value
+    return out
+
+
+def _check_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; pass --device cpu")
+    return device
+
+
+def _make_loaders(args, dataset_train, dataset_val):
+    if args.distributed:
+        sampler_train = DistributedSampler(dataset_train, shuffle=True, seed=args.seed)
+        sampler_val = DistributedSampler(dataset_val, shuffle=False)
+    else:
+        sampler_train = RandomSampler(dataset_train, generator=torch.Generator())
+        sampler_val = SequentialSampler(dataset_val)
+    if len(dataset_train) // args.world_size < args.batch_size and not args.eval:
+        raise ValueError(f"the training set has {len(dataset_train)} images, fewer than --batch_size "
+                         f"{args.batch_size} per process: no full batch (lower --batch_size)")
+    batch_sampler_train = BatchSampler(sampler_train, args.batch_size, drop_last=True)
+    loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler_train, collate_fn=collate_fn,
+                              num_workers=args.num_workers, generator=torch.Generator())
+    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
+                            collate_fn=collate_fn, num_workers=args.num_workers)
+    return sampler_train, loader_train, loader_val
+
+
+def _seed_epoch(args, sampler_train, loader_train, epoch: int) -> None:
+    """Every random stream of an epoch from (seed, rank, epoch) alone (see the module doc)."""
+    seed_all(derived_seed(args.seed, args.rank, epoch))
+    if isinstance(sampler_train, DistributedSampler):
+        sampler_train.set_epoch(epoch)
+    else:
+        sampler_train.generator.manual_seed(derived_seed(args.seed, epoch, 1))
+    loader_train.generator.manual_seed(derived_seed(args.seed, args.rank, epoch, 2))
+
+
+def _print_ap(stats: dict[str, Any], what: str) -> None:
+    if "coco_eval_bbox" in stats:
+        ap = stats["coco_eval_bbox"]
+        print(f"{what}: bbox AP {ap[0]:.4f}  AP50 {ap[1]:.4f}  AP75 {ap[2]:.4f}")
+    if "coco_eval_masks" in stats:
+        print(f"{what}: mask AP {stats['coco_eval_masks'][0]:.4f}")
+    if "PQ_all" in stats:
+        print(f"{what}: PQ {stats['PQ_all']['pq']:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or with --eval evaluate) as the flags say; returns the last evaluation's stats."""
+    dist_utils.init_distributed_mode(args)
+    if args.frozen_weights and not args.masks:
+        raise ValueError("--frozen_weights trains only the mask head: add --masks")
+    if args.resume and args.finetune:
+        raise ValueError("--resume continues a run (weights, optimizer, epoch); --finetune starts a new one "
+                         "from weights only: give one of them")
+    device = _check_device(args.device)
+    autocast_context(args.amp, device)  # refuses e.g. fp16 on CPU before any work
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and dist_utils.is_main_process():
+        ensure_writable_dir(output_dir)
+    print(args)
+
+    seed_all(args.seed + dist_utils.get_rank())
+
+    # Datasets first: they fix the class count and the panoptic thing ids the model needs.
+    dataset_train = datasets.build_dataset("train", args)
+    dataset_val = datasets.build_dataset("val", args)
+    args.num_classes = datasets.infer_num_classes(args)
+    args.thing_ids = datasets.panoptic_thing_ids(args)
+
+    # The checkpoint that provides the weights also says whether the backbone has frozen BN.
+    resume_ckpt = load_checkpoint(args.resume) if args.resume else None
+    frozen_ckpt = load_checkpoint(args.frozen_weights) if args.frozen_weights else None
+    finetune_ckpt = load_checkpoint(args.finetune) if args.finetune else None
+    weights_ckpt = resume_ckpt or frozen_ckpt or finetune_ckpt
+    if weights_ckpt is not None:
+        args.backbone_weights = "none" if _checkpoint_args_backbone(weights_ckpt) == "none" else "checkpoint"
+
+    model, criterion, postprocessors = build_model(args)
+    model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print("number of params:", n_parameters)
+
+    named = [(n, p) for n, p in model_without_ddp.named_parameters() if p.requires_grad]
+    param_dicts = [
+        {"params": [p for n, p in named if "backbone" not in n]},
+        {"params": [p for n, p in named if "backbone" in n], "lr": args.lr_backbone},
+    ]
+    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    scaler = make_grad_scaler(args.amp, device)
+
+    sampler_train, loader_train, loader_val = _make_loaders(args, dataset_train, dataset_val)
+    base_ds = datasets.get_coco_api_from_dataset(dataset_val)
+
+    if frozen_ckpt is not None:
+        load_model_state(model_without_ddp.detr, frozen_ckpt["model"], what=f"checkpoint {args.frozen_weights}")
+    if finetune_ckpt is not None:
+        _load_finetune(model_without_ddp, args.finetune, finetune_ckpt)
+    if resume_ckpt is not None:
+        load_model_state(model_without_ddp, resume_ckpt["model"], what=f"checkpoint {args.resume}")
+        if not args.eval and {"optimizer", "lr_scheduler", "epoch"} <= resume_ckpt.keys():
+            optimizer.load_state_dict(resume_ckpt["optimizer"])
+            lr_scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
+            if scaler is not None and "scaler" in resume_ckpt:
+                scaler.load_state_dict(resume_ckpt["scaler"])
+            args.start_epoch = resume_ckpt["epoch"] + 1
+            if "rng_state" in resume_ckpt:
+                restore_rng_state(resume_ckpt["rng_state"])
+    del resume_ckpt, frozen_ckpt, finetune_ckpt, weights_ckpt
+
+    if args.compile:
+        model = torch.compile(model)
+
+    eval_kwargs = dict(amp=args.amp, backend=args.eval_backend, print_freq=args.print_freq)
+    if args.eval:
+        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
+                                              args.output_dir, **eval_kwargs)
+        if output_dir is not None and coco_evaluator is not None and "bbox" in coco_evaluator.iou_types:
+            save_checkpoint(_eval_payload(coco_evaluator), output_dir / "eval.pth")
+        _print_ap(test_stats, "Evaluation")
+        dist_utils.cleanup()
+        return test_stats
+
+    if output_dir is not None:
+        _trim_log(output_dir, args.start_epoch)
+    tb_writer = (TensorboardWriter(output_dir / "tensorboard")
+                 if output_dir is not None and dist_utils.is_main_process() else None)
+    print("Start training")
+    start_time = time.time()
+    test_stats: dict[str, Any] = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        _seed_epoch(args, sampler_train, loader_train, epoch)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
+                                      amp=args.amp, scaler=scaler, print_freq=args.print_freq,
+                                      tb_writer=tb_writer, tb_freq=args.tb_freq)
+        lr_scheduler.step()
+
+        epoch_test_stats, coco_evaluator = {}, None
+        last = epoch == args.epochs - 1
+        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or last):
+            epoch_test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds,
+                                                        device, args.output_dir, **eval_kwargs)
+            test_stats = epoch_test_stats
+
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                     **{f"test_{k}": v for k, v in epoch_test_stats.items()},
+                     "epoch": epoch, "n_parameters": n_parameters}
+        if tb_writer is not None:
+            tb_writer.add_scalars({k: v for k, v in log_stats.items() if k != "n_parameters"}, step=epoch)
+        if output_dir is not None and dist_utils.is_main_process():
+            # log.txt before checkpoint.pth: a run killed in between re-runs this epoch on
+            # resume, and _trim_log drops the line it wrote.
+            with (output_dir / "log.txt").open("a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            if coco_evaluator is not None and "bbox" in coco_evaluator.iou_types:
+                payload = _eval_payload(coco_evaluator)
+                save_checkpoint(payload, output_dir / "eval" / "latest.pth")
+                if epoch % 50 == 0:
+                    save_checkpoint(payload, output_dir / "eval" / f"{epoch:03}.pth")
+        if output_dir is not None:
+            checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
+                          "rng_state": capture_rng_state()}
+            if scaler is not None:
+                checkpoint["scaler"] = scaler.state_dict()
+            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
+                save_checkpoint(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
+            save_checkpoint(checkpoint, output_dir / "checkpoint.pth")
+
+    total = time.time() - start_time
+    print(f"Training time {datetime.timedelta(seconds=int(total))}")
+    _print_ap(test_stats, "Final evaluation")
+    if tb_writer is not None:
+        tb_writer.close()
+    dist_utils.cleanup()
+    return test_stats
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("DETR training and evaluation script", parents=[get_args_parser()])
+    cli_args = parser.parse_args()
+    try:
+        main(cli_args)
+    except (CheckpointError, NonFiniteLossError) as err:
+        # The message names the file/epoch and the fix; a library traceback would bury it.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
