@@ -15,16 +15,33 @@ TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", 
         "--num_workers", "0", "--device", "cpu", "--num_classes", "4"]
 
 
-def test_recomputed_weights_equal_multihead_attention():
+@pytest.mark.parametrize("kind", ["torch", "project"])
+def test_hook_captures_head_averaged_cross_attention(kind):
     torch.manual_seed(0)
-    attention = torch.nn.MultiheadAttention(16, 4)
+    if kind == "project":
+        attention = pytest.importorskip("models.attention").MultiheadAttention(16, 4)
+    else:
+        attention = torch.nn.MultiheadAttention(16, 4)
+    layer = torch.nn.Module()
+    layer.multihead_attn = attention
+    model = torch.nn.Module()
+    model.transformer = torch.nn.Module()
+    model.transformer.decoder = torch.nn.Module()
+    model.transformer.decoder.layers = torch.nn.ModuleList([layer])
     query, key = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
     padding = torch.zeros(2, 7, dtype=torch.bool)
     padding[1, 5:] = True
-    _, expected = attention(query, key, key, key_padding_mask=padding)
-    got = va._recompute_weights(attention, (query, key, key), {"key_padding_mask": padding})
-    assert torch.allclose(got, expected, atol=1e-6)
-    assert torch.all(got[1, :, 5:] == 0) and torch.allclose(got.sum(-1), torch.ones(2, 5))
+    with va.cross_attention_weights(model) as weights:
+        attention(query=query, key=key, value=key, key_padding_mask=padding, need_weights=False)
+    got = weights()
+    # Reference: the definition, softmax(q k^T / sqrt(head dim)) per head, then the mean over heads.
+    w_q, w_k, _ = attention.in_proj_weight.chunk(3)
+    b_q, b_k, _ = attention.in_proj_bias.chunk(3)
+    q = (query @ w_q.T + b_q).reshape(5, 2, 4, 4).permute(1, 2, 0, 3)
+    k = (key @ w_k.T + b_k).reshape(7, 2, 4, 4).permute(1, 2, 0, 3)
+    scores = (q @ k.transpose(-1, -2) / 2.0).masked_fill(padding[:, None, None, :], float("-inf"))
+    assert torch.allclose(got, scores.softmax(-1).mean(1), atol=1e-6)
+    assert got.shape == (2, 5, 7) and torch.all(got[1, :, 5:] == 0)
 
 
 def test_render_lays_out_one_panel_per_detection():

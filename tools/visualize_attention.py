@@ -49,41 +49,26 @@ def get_args_parser() -> argparse.ArgumentParser:
 def cross_attention_weights(model: torch.nn.Module) -> Iterator[Callable[[], torch.Tensor]]:
     """Within the block, capture the last decoder layer's cross-attention weights [B, Q, S].
 
-    Yields a function returning the weights of the latest forward pass (mean over heads). When
-    the attention module returns no weights (the fast path computes none), they are recomputed
-    from the inputs it was called with: softmax(q k^T / sqrt(head dim)) with the key padding
-    mask, using its packed in_proj weights, as nn.MultiheadAttention defines them.
+    Yields a function returning the weights of the latest forward pass (mean over heads). The
+    model's attention computes no weights on its fast path, so the hook calls the layer's
+    `multihead_attn` again on the same inputs with need_weights=True (models/transformer.py).
     """
     attention = model.transformer.decoder.layers[-1].multihead_attn
     store: dict[str, torch.Tensor] = {}
 
     def hook(module, args, kwargs, output):
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        store["weights"] = weights if weights is not None else _recompute_weights(module, args, kwargs)
+        if weights is None:
+            names = ("query", "key", "value", "key_padding_mask")
+            call = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
+            weights = module.forward(**call, need_weights=True)[1]  # .forward: no hook recursion
+        store["weights"] = weights
 
     handle = attention.register_forward_hook(hook, with_kwargs=True)
     try:
         yield lambda: store["weights"]
     finally:
         handle.remove()
-
-
-def _recompute_weights(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    """Head-averaged attention [B, L, S] from the (sequence-first) query [L,B,d] and key [S,B,d]."""
-    query = kwargs["query"] if "query" in kwargs else args[0]
-    key = kwargs["key"] if "key" in kwargs else args[1]
-    padding = kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None)
-    d = query.shape[-1]
-    heads = module.num_heads
-    w_q, w_k, _ = module.in_proj_weight.split(d)
-    b_q, b_k, _ = module.in_proj_bias.split(d) if module.in_proj_bias is not None else (None, None, None)
-    q = F.linear(query, w_q, b_q).reshape(query.shape[0], query.shape[1] * heads, d // heads).transpose(0, 1)
-    k = F.linear(key, w_k, b_k).reshape(key.shape[0], key.shape[1] * heads, d // heads).transpose(0, 1)
-    scores = q @ k.transpose(1, 2) / (d // heads) ** 0.5  # [B*heads, L, S]
-    scores = scores.reshape(query.shape[1], heads, query.shape[0], key.shape[0])
-    if padding is not None:
-        scores = scores.masked_fill(padding[:, None, None, :].bool(), float("-inf"))
-    return scores.softmax(-1).mean(1)
 
 
 def attention_maps(model: torch.nn.Module, image: torch.Tensor) -> tuple[dict, torch.Tensor]:
