@@ -2,10 +2,12 @@
 
 Modes (all on the same random weights and the same input):
   eager_fp32        the model as built, model.eval(), torch.no_grad()  (the reference)
+  original_style    eager_fp32 with torch's nn.MultiheadAttention computing attention weights, as the
+                    original's transformer did (it never passed need_weights=False): the original's work
   inference_mode    the same model under torch.inference_mode()
   fold_bn_cl        frozen BatchNorm folded into the convolutions + channels_last (models/fuse.py)
   compile           fold_bn_cl through torch.compile                    (opt-in: --compile)
-  bf16_autocast     fold_bn_cl under bf16 autocast; changes numbers     (opt-in: --bf16)
+  bf16_autocast     fold_bn_cl (or the plain model) under bf16 autocast; changes numbers (opt-in: --bf16)
 Prints the median latency, s/img, img/s, speed-up and the max abs difference of pred_logits and
 pred_boxes from the reference for each batch size, and writes them as JSON.
 
@@ -22,7 +24,7 @@ import torch
 
 from common import (base_parser, machine_info, max_abs_diff, median, print_machine, profile_table, setup,
                     sync, time_alternating, write_json)
-from detr_setup import FULL, QUICK, build_detr, random_images
+from detr_setup import FULL, QUICK, build_detr, random_images, with_original_attention
 
 FP32_TOLERANCE = 1e-4
 
@@ -78,6 +80,7 @@ def main() -> None:
     print(f"model: {shape}", flush=True)
 
     model = build_detr(shape, aux_loss=False).eval().to(device)
+    original_style = with_original_attention(model).eval()
     fused = fused_copy(model)
     if fused is not None:
         fused = fused.eval().to(device)
@@ -92,6 +95,7 @@ def main() -> None:
         images_cl = images.contiguous(memory_format=torch.channels_last)
         modes = {
             "eager_fp32": make_runner(model, images, torch.no_grad),
+            "original_style": make_runner(original_style, images, torch.no_grad),
             "inference_mode": make_runner(model, images, torch.inference_mode),
         }
         if fused is not None:
@@ -104,30 +108,33 @@ def main() -> None:
             sync(device)
             compile_s = time.perf_counter() - start
             print(f"batch {batch}: torch.compile first call {compile_s:.1f} s", flush=True)
-        if args.bf16 and fused is not None:
-            modes["bf16_autocast"] = make_runner(fused, images_cl, torch.inference_mode, torch.bfloat16)
+        if args.bf16:
+            bf16_model, bf16_images = (fused, images_cl) if fused is not None else (model, images)
+            modes["bf16_autocast"] = make_runner(bf16_model, bf16_images, torch.inference_mode, torch.bfloat16)
 
         times = time_alternating(modes, warmup, repeats, device)
         reference = modes["eager_fp32"].last
         base = median(times["eager_fp32"])
+        original = median(times["original_style"])
         rows = {}
         print(f"\nbatch {batch}, {shape.image_hw[0]}x{shape.image_hw[1]}, "
               f"median of {repeats} (warm-up {warmup}):", flush=True)
-        print(f"{'mode':16s} {'median s':>9s} {'s/img':>8s} {'img/s':>7s} {'speed-up':>8s} {'max|diff|':>10s}")
+        print(f"{'mode':16s} {'median s':>9s} {'s/img':>8s} {'img/s':>7s} {'vs eager':>8s} {'vs orig':>8s} {'max|diff|':>10s}")
         for name, run in modes.items():
             m = median(times[name])
             diff = max_abs_diff(run.last, reference)
             is_fp32 = name != "bf16_autocast"
             rows[name] = {
                 "median_s": m, "s_per_img": m / batch, "img_per_s": batch / m,
-                "speedup_vs_eager_fp32": base / m, "max_abs_diff": diff, "fp32": is_fp32,
+                "speedup_vs_eager_fp32": base / m, "speedup_vs_original_style": original / m,
+                "max_abs_diff": diff, "fp32": is_fp32,
                 "within_1e-4": diff <= FP32_TOLERANCE, "times_s": times[name],
             }
             if name == "compile":
                 rows[name]["compile_first_call_s"] = compile_s
             flag = "" if (not is_fp32 or diff <= FP32_TOLERANCE) else "  EXCEEDS 1e-4"
-            print(f"{name:16s} {m:9.3f} {m / batch:8.3f} {batch / m:7.2f} {base / m:7.2f}x {diff:10.2e}{flag}",
-                  flush=True)
+            print(f"{name:16s} {m:9.3f} {m / batch:8.3f} {batch / m:7.2f} {base / m:7.2f}x {original / m:7.2f}x "
+                  f"{diff:10.2e}{flag}", flush=True)
         results[f"batch_{batch}"] = rows
         if args.profile and not profiles:
             for name in ("eager_fp32", "fold_bn_cl"):

@@ -85,3 +85,27 @@ def build_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
     rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
     return torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": 1e-5}],
                              lr=1e-4, weight_decay=1e-4)
+
+
+class _WeightsComputingAttention(torch.nn.MultiheadAttention):
+    """torch's nn.MultiheadAttention as the original DETR called it: attention weights always computed."""
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, **kwargs):
+        return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True, **kwargs)
+
+
+def with_original_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose attention modules are nn.MultiheadAttention returning head-averaged weights, as in
+    the original (which never passed need_weights=False); same parameters, so the same outputs."""
+    import copy
+
+    from models.attention import MultiheadAttention
+
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MultiheadAttention):
+                original = _WeightsComputingAttention(child.embed_dim, child.num_heads, dropout=child.dropout)
+                original.load_state_dict(child.state_dict())
+                setattr(parent, name, original.to(child.in_proj_weight.device))
+    return model

@@ -41,7 +41,7 @@ def test_inference_fast_modes_match_plain_path(tmp_path):
     data = run_bench("bench_inference.py", tmp_path / "inf.json", "--warmup", "0", "--repeats", "1", "--bf16")
     assert set(data["results"]) == {"batch_1", "batch_2"}
     for rows in data["results"].values():
-        assert {"eager_fp32", "inference_mode", "fold_bn_cl", "bf16_autocast"} <= set(rows)
+        assert {"eager_fp32", "original_style", "inference_mode", "fold_bn_cl", "bf16_autocast"} <= set(rows)
         assert rows["eager_fp32"]["max_abs_diff"] == 0.0
         for name, row in rows.items():
             assert row["median_s"] > 0 and row["img_per_s"] > 0
