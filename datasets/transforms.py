@@ -152,6 +152,8 @@ class RandomResize:
 class RandomSizeCrop:
     """Crop a random window, width in [min_size, min(W, max_size)], same for the height.
 
+    Sizes are drawn with `random.randint`, the corner with `torch.randint` (the original's draws).
+
     The original required W, H >= min_size and crashed on smaller images; here the lower bound
     is clamped to the image, so a small image gets a crop no larger than itself.
     """
@@ -164,8 +166,12 @@ class RandomSizeCrop:
         img_h, img_w = image_hw(image)
         width = random.randint(min(self.min_size, img_w), min(img_w, self.max_size))
         height = random.randint(min(self.min_size, img_h), min(img_h, self.max_size))
-        top = random.randint(0, img_h - height)
-        left = random.randint(0, img_w - width)
+        # The window's corner comes from torch's generator, as in the original (RandomCrop.get_params),
+        # which draws nothing when the window is the whole image.
+        if (height, width) == (img_h, img_w):
+            return crop(image, target, 0, 0, height, width)
+        top = int(torch.randint(0, img_h - height + 1, (1,)))
+        left = int(torch.randint(0, img_w - width + 1, (1,)))
         return crop(image, target, top, left, height, width)
 
 

@@ -121,6 +121,7 @@ def test_train_recipe_is_seeded_and_keeps_boxes_normalised():
     shapes = []
     for seed in range(12):
         random.seed(seed)
+        torch.manual_seed(seed)
         image, target = train(_image(), _target())
         h, w = image.shape[-2:]
         assert target["size"].tolist() == [h, w] and target["masks"].shape[-2:] == (h, w)
@@ -128,6 +129,7 @@ def test_train_recipe_is_seeded_and_keeps_boxes_normalised():
         assert ((boxes >= 0) & (boxes <= 1)).all() and len(boxes) == len(target["labels"])
         shapes.append((h, w))
         random.seed(seed)
+        torch.manual_seed(seed)
         again, _ = train(_image(), _target())
         assert torch.equal(image, again)
     assert len(set(shapes)) > 3  # the random sizes really vary
@@ -138,3 +140,33 @@ def test_bad_image_set_and_scale_are_refused():
         T.make_detr_transforms("test")
     with pytest.raises(ValueError, match="image_scale"):
         T.make_detr_transforms("train", image_scale=0)
+
+
+def _original_draws(hw, scales, max_size):
+    """The original recipe's random draws in its order: (flipped, expected output (h, w))."""
+    flipped = random.random() < 0.5
+    if random.random() < 0.5:
+        return flipped, T.resized_hw(hw, random.choice(scales), max_size)
+    hw = T.resized_hw(hw, random.choice([400, 500, 600]), None)
+    w = random.randint(384, min(hw[1], 600))
+    h = random.randint(384, min(hw[0], 600))
+    if (h, w) != hw:
+        torch.randint(0, hw[0] - h + 1, (1,))
+        torch.randint(0, hw[1] - w + 1, (1,))
+    return flipped, T.resized_hw((h, w), random.choice(scales), max_size)
+
+
+def test_random_draws_follow_the_original_order():
+    """Seeded like the original, the recipe lands on the original's sizes and leaves both RNGs alike."""
+    train = T.make_detr_transforms("train")
+    image = _image(480, 640)
+    for seed in range(10):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        _, expected_hw = _original_draws((480, 640), list(range(480, 801, 32)), 1333)
+        after = (random.random(), float(torch.rand(1)))
+        random.seed(seed)
+        torch.manual_seed(seed)
+        out, _ = train(image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)})
+        assert tuple(out.shape[-2:]) == expected_hw
+        assert (random.random(), float(torch.rand(1))) == after
