@@ -116,7 +116,7 @@ def _pixels(h=30, w=40):
     return np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
 
 
-@pytest.mark.parametrize("mode,suffix", [("L", "jpg"), ("CMYK", "jpg"), ("RGBA", "png"), ("P", "png"),
+@pytest.mark.parametrize("mode,suffix", [("RGB", "jpg"), ("L", "jpg"), ("CMYK", "jpg"), ("RGBA", "png"), ("P", "png"),
                                          ("RGB", "bmp")])
 def test_other_colour_modes_decode_to_rgb(tmp_path, mode, suffix):
     path = tmp_path / f"image.{suffix}"
