@@ -178,14 +178,16 @@ class ConvertCocoPolysToMask:
 
 def count_degenerate_boxes(coco: COCO) -> int:
     """Non-crowd boxes with no width or height once clamped to their image (dropped in training)."""
-    count = 0
-    for ann in coco.dataset["annotations"]:
-        if ann.get("iscrowd", 0):
-            continue
-        img = coco.imgs.get(ann["image_id"], {})
-        box = xywh_to_clamped_xyxy(ann["bbox"], img.get("height", 1 << 30), img.get("width", 1 << 30))[0]
-        count += int(not (box[2] > box[0] and box[3] > box[1]))
-    return count
+    anns = [a for a in coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+    if not anns:
+        return 0
+    boxes = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+    sizes = [coco.imgs.get(a["image_id"], {}) for a in anns]
+    limits = np.asarray([[s.get("width", np.inf), s.get("height", np.inf)] for s in sizes], dtype=np.float64)
+    x0, y0 = boxes[:, 0].clip(0, limits[:, 0]), boxes[:, 1].clip(0, limits[:, 1])
+    x1 = (boxes[:, 0] + boxes[:, 2]).clip(0, limits[:, 0])
+    y1 = (boxes[:, 1] + boxes[:, 3]).clip(0, limits[:, 1])
+    return int(np.count_nonzero(~((x1 > x0) & (y1 > y0))))
 
 
 def check_category_ids(coco: COCO, num_classes: int, ann_file: str | Path) -> None:
