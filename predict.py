@@ -298,6 +298,7 @@ def predict(args: argparse.Namespace, checkpoint: dict) -> dict[str, Any]:
     from util.checkpoint import load_model_state
 
     device = resolve_device(args.device)
+    args.device = str(device)
     args.backbone_weights = "checkpoint"  # weights come from the checkpoint; nothing to download
     args.frozen_weights = None
     model, _, postprocessors = build_model(args)

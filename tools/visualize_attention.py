@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = predict.apply_checkpoint_args(args, predict.explicit_flags(argv, get_args_parser), checkpoint)
     args.backbone_weights, args.frozen_weights = "checkpoint", None
     device = predict.resolve_device(args.device)
+    args.device = str(device)
     model, _, _ = build_model(args)
     load_model_state(model, checkpoint["model"], what=str(args.resume))
     model = model.detr if hasattr(model, "detr") else model  # a mask model's box part holds the decoder

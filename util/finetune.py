@@ -31,7 +31,8 @@ def adapt_for_finetune(
     the model's order). A tensor is re-initialised (the model's own value is used) only when it
     is `class_embed.weight/bias` or `query_embed.weight` and differs from the model in its
     first dimension alone (another class count, another number of queries). Every other tensor
-    is the checkpoint's, unchanged.
+    is the checkpoint's, unchanged. BatchNorm `num_batches_tracked` counters may be absent on
+    either side (frozen vs trainable BatchNorm): the model's are kept, extra ones dropped.
     Raises ValueError listing every other difference (name, checkpoint shape, model shape;
     missing and unexpected names), e.g. another backbone, width or layer count.
     """
@@ -40,6 +41,10 @@ def adapt_for_finetune(
     problems: list[str] = []
     adapted: dict[str, torch.Tensor] = {}
     for name, model_tensor in model_state.items():
+        if name not in state_dict and name.endswith("num_batches_tracked"):
+            # BatchNorm step counters: absent from frozen-BN checkpoints and never used by DETR.
+            adapted[name] = model_tensor
+            continue
         if name not in state_dict:
             problems.append(f"{name}: missing from the checkpoint (model shape {list(model_tensor.shape)})")
             continue
@@ -53,7 +58,7 @@ def adapt_for_finetune(
             problems.append(f"{name}: checkpoint shape {list(ckpt_tensor.shape)}, "
                             f"model shape {list(model_tensor.shape)}")
     for name in state_dict:
-        if name not in model_state:
+        if name not in model_state and not name.endswith("num_batches_tracked"):
             problems.append(f"{name}: in the checkpoint but not in the model "
                             f"(checkpoint shape {list(state_dict[name].shape)})")
     if problems:
