@@ -64,7 +64,7 @@ def _open_header(path: Path, ann_file: str | Path | None) -> PIL.Image.Image:
 def decode_image(path: str | Path, ann_file: str | Path | None = None) -> torch.Tensor:
     """The image file as a uint8 RGB tensor [3,H,W], upright by its EXIF orientation.
 
-    Grayscale, RGBA (alpha dropped), palette and CMYK become RGB. Missing files, files that are
+    Grayscale, RGBA (alpha dropped), palette and CMYK become RGB; 16-bit PNGs keep their top 8 bits. Missing files, files that are
     not images, truncated files and images above PIL.Image.MAX_IMAGE_PIXELS raise with the file
     (and the annotation file listing it) in the message.
     """
@@ -76,11 +76,14 @@ def decode_image(path: str | Path, ann_file: str | Path | None = None) -> torch.
         return _pil_to_tensor(decode_image_pil(path, ann_file))
     try:
         data = torchvision.io.read_file(str(path))
-        return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB,
-                                           apply_exif_orientation=True)
+        image = torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB,
+                                            apply_exif_orientation=True)
     except RuntimeError as err:
         raise ValueError(f"unreadable image {_where(path, ann_file)}: {err}; the file is damaged, "
                          f"truncated or not an image (re-export or remove it)") from None
+    if image.dtype == torch.uint16:  # 16-bit PNG: keep the top 8 bits, as every 8-bit viewer shows it
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
 
 
 def decode_image_pil(path: str | Path, ann_file: str | Path | None = None) -> PIL.Image.Image:
@@ -90,6 +93,8 @@ def decode_image_pil(path: str | Path, ann_file: str | Path | None = None) -> PI
     try:
         with header:
             image = PIL.ImageOps.exif_transpose(header)
+            if image.mode.startswith("I;16"):  # PIL would clip 16-bit values at 255; keep the top 8 bits
+                image = PIL.Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
             return image.convert("RGB")
     except OSError as err:
         raise ValueError(f"unreadable image {_where(path, ann_file)}: {err}; the file is damaged, "

@@ -127,6 +127,14 @@ def test_other_colour_modes_decode_to_rgb(tmp_path, mode, suffix):
         assert np.abs(decoded.astype(int) - expected).max() <= 1
 
 
+def test_16_bit_png_keeps_its_top_8_bits(tmp_path):
+    values = np.array([[0, 255, 256, 40000, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    expected = [0, 0, 1, 156, 255]  # value >> 8
+    assert decode_image(tmp_path / "deep.png")[:, 0].tolist() == [expected] * 3
+    assert np.asarray(decode_image_pil(tmp_path / "deep.png"))[0, :, 0].tolist() == expected
+
+
 def test_exif_orientation_is_applied(tmp_path):
     pixels = np.zeros((20, 40, 3), np.uint8)
     pixels[:, :20] = (255, 0, 0)  # left half red, right half blue as stored
