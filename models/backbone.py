@@ -96,7 +96,7 @@ class Joiner(nn.Sequential):
         xs = self[0](tensor_list)
         out: List[NestedTensor] = []
         pos: List[torch.Tensor] = []
-        for name, x in sorted(xs.items()):
+        for x in xs.values():  # in layer order: layer1 (with masks) ... layer4
             out.append(x)
             pos.append(self[1](x).to(x.tensors.dtype))
         return out, pos

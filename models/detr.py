@@ -74,8 +74,10 @@ class DETR(nn.Module):
             out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
         return out
 
+    # No return annotation on purpose: TorchScript then types this unused method as returning a
+    # Tensor, which fits `out`'s Dict[str, Tensor]; scripted models run with aux_loss=False.
     @torch.jit.unused
-    def _set_aux_loss(self, outputs_class: Tensor, outputs_coord: Tensor) -> List[Dict[str, Tensor]]:
+    def _set_aux_loss(self, outputs_class: Tensor, outputs_coord: Tensor):
         return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
 
 

@@ -1,0 +1,76 @@
+"""Export DETR for deployment: TorchScript (any model) or ONNX (detection models).
+
+    python tools/export.py --resume detr-r50-e632da11.pth --format onnx --out detr.onnx
+    python tools/export.py --resume CKPT --masks --dataset_file coco_panoptic --format torchscript --out detr.pt
+
+ONNX input `images` [1, 3, H, W] (normalised as in training, H and W free), outputs
+`pred_logits` [1, Q, C+1] and `pred_boxes` [1, Q, 4] (normalised cxcywh).
+"""
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from util.nested_tensor import nested_tensor_from_tensor_list  # noqa: E402
+
+
+class ImageListModel(nn.Module):
+    """Wraps DETR / DETRsegm to take a list of [3, H_i, W_i] images (scriptable)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: List[Tensor]) -> Dict[str, Tensor]:
+        return self.model(nested_tensor_from_tensor_list(images))
+
+
+def export_torchscript(model: nn.Module, path: str) -> torch.jit.ScriptModule:
+    """torch.jit.script the model (eval mode, aux_loss off) and save it to `path`."""
+    model.eval()
+    scripted = torch.jit.script(model)
+    scripted.save(path)
+    return scripted
+
+
+def export_onnx(model: nn.Module, path: str, height: int = 800, width: int = 1066, max_side: int = 4096) -> None:
+    """ONNX export of a detection DETR on [1, 3, H, W] images, H and W dynamic (multiples of 1 up to max_side)."""
+    model.eval()
+    example = torch.randn(1, 3, height, width)
+    h = torch.export.Dim("height", min=32, max=max_side)
+    w = torch.export.Dim("width", min=32, max=max_side)
+    torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["pred_logits", "pred_boxes"],
+                      dynamo=True, dynamic_shapes={"samples": {2: h, 3: w}})
+
+
+def main() -> None:
+    import main as detr_main
+    from models import build_model
+    from util.checkpoint import load_checkpoint, load_model_state
+
+    parser = argparse.ArgumentParser("DETR export", parents=[detr_main.get_args_parser()])
+    parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    parser.add_argument("--out", required=True, help="output file (.onnx or .pt)")
+    args = parser.parse_args()
+    args.backbone_weights = "checkpoint"
+    args.aux_loss = False
+    args.device = "cpu"
+    model, _, _ = build_model(args)
+    if args.resume:
+        load_model_state(model, load_checkpoint(args.resume)["model"])
+    if args.format == "onnx":
+        if args.masks:
+            raise SystemExit("export.py: ONNX export covers detection models; use --format torchscript with --masks")
+        export_onnx(model, args.out)
+    else:
+        export_torchscript(model, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
