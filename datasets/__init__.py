@@ -47,17 +47,16 @@ def get_coco_api_from_dataset(dataset):
     return dataset.coco
 
 
-def _shapes_categories(args, panoptic: bool) -> list[dict]:
-    root = shapes.ensure_from_args(args)
-    name = "panoptic_val2017.json" if panoptic else "instances_val2017.json"
-    return json.loads((root / "annotations" / name).read_text())["categories"]
+def _shapes_categories(panoptic: bool) -> list[dict]:
+    # Fixed by the generator: no need to generate (or even find) the data to know them.
+    return shapes.categories(with_stuff=panoptic)
 
 
 def _required(args) -> tuple[int | None, int | None]:
     """(classes the annotations need, largest category id), None where not read (COCO)."""
     kind = _kind(args)
     if kind in ("shapes", "shapes_panoptic"):
-        largest = max(c["id"] for c in _shapes_categories(args, kind == "shapes_panoptic"))
+        largest = max(c["id"] for c in _shapes_categories(kind == "shapes_panoptic"))
         return largest + 1, largest
     if kind == "custom":
         return custom.required_num_classes(args)
@@ -85,7 +84,7 @@ def infer_num_classes(args) -> int:
 def panoptic_thing_ids(args) -> list[int] | None:
     """Thing category ids for the panoptic post-processor; None means COCO's rule (id <= 90)."""
     if _kind(args) == "shapes_panoptic":
-        return sorted(c["id"] for c in _shapes_categories(args, True) if c.get("isthing", 1))
+        return sorted(c["id"] for c in _shapes_categories(True) if c.get("isthing", 1))
     return None
 
 
@@ -93,7 +92,7 @@ def category_names(args) -> dict[int, str]:
     """{category id: name} of the dataset (COCO's from its val annotation file)."""
     kind = _kind(args)
     if kind in ("shapes", "shapes_panoptic"):
-        return {c["id"]: c["name"] for c in _shapes_categories(args, kind == "shapes_panoptic")}
+        return {c["id"]: c["name"] for c in _shapes_categories(kind == "shapes_panoptic")}
     if kind == "custom":
         return custom.category_names(args)
     if kind == "coco":

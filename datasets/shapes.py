@@ -99,7 +99,8 @@ def _ids_to_rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
 
 
-def _categories(with_stuff: bool) -> list[dict]:
+def categories(with_stuff: bool) -> list[dict]:
+    """The COCO 'categories' entries: things (and, for panoptic, stuff) with isthing and colour."""
     cats = [{"id": i, "name": n, "supercategory": "shape", "isthing": 1, "color": list(c)}
             for i, (n, c) in THINGS.items()]
     if with_stuff:
@@ -141,9 +142,9 @@ def _write_split(root: Path, split: str, size: int, image_size: int, seed: int) 
         panoptic.append({"image_id": image_id, "file_name": f"{image_id:06d}.png", "segments_info": infos})
     annotations = root / "annotations"
     with open(annotations / f"instances_{split}2017.json", "w") as f:
-        json.dump({"images": images, "annotations": instances, "categories": _categories(False)}, f)
+        json.dump({"images": images, "annotations": instances, "categories": categories(False)}, f)
     with open(annotations / f"panoptic_{split}2017.json", "w") as f:
-        json.dump({"images": images, "annotations": panoptic, "categories": _categories(True)}, f)
+        json.dump({"images": images, "annotations": panoptic, "categories": categories(True)}, f)
 
 
 def ensure_shapes(root: str | Path, train_size: int = 256, val_size: int = 64, image_size: int = 128,

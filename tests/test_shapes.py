@@ -123,3 +123,14 @@ def test_default_size_generates_in_seconds(tmp_path):
     elapsed = time.perf_counter() - start
     assert len(list((root / "train2017").glob("*.jpg"))) == 256
     assert elapsed < 20, f"default shapes generation took {elapsed:.1f} s"
+
+
+def test_class_facts_need_no_generated_data(tmp_path):
+    """predict.py asks for names and class counts on machines without the data: nothing is generated."""
+    from datasets import category_names
+
+    args = _args(tmp_path / "absent")
+    assert infer_num_classes(args) == 4 and category_names(args) == {1: "circle", 2: "square", 3: "triangle"}
+    args.dataset_file = "shapes_panoptic"
+    assert category_names(args)[5] == "ground" and panoptic_thing_ids(args) == [1, 2, 3]
+    assert not (tmp_path / "absent").exists()
