@@ -6,7 +6,6 @@ import random
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from PIL import Image, ImageOps
 
 from datasets.coco import CocoDetection, decode_image, decode_image_pil
