@@ -58,6 +58,9 @@ class CocoEvaluator:
         "masks" [N,1,H,W] or [N,H,W] binary (segm only)}}."""
         for image_id, prediction in predictions.items():
             image_id = _as_int(image_id)
+            if image_id not in self.coco_gt.imgs:
+                raise ValueError(f"prediction for image id {image_id}, which the ground truth does not have: "
+                                 f"evaluate with the ground truth of the same dataset (get_coco_api_from_dataset)")
             if image_id in self.results[self.iou_types[0]]:
                 continue
             self.img_ids.append(image_id)

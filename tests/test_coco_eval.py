@@ -162,3 +162,6 @@ def test_bad_arguments_are_refused():
         CocoEvaluator(coco, ["keypoints"])
     with pytest.raises(ValueError, match="backend"):
         CocoEvaluator(coco, ["bbox"], backend="fast")
+    with pytest.raises(ValueError, match="image id 99"):
+        CocoEvaluator(coco, ["bbox"]).update({99: {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0),
+                                                   "scores": torch.zeros(0)}})
