@@ -117,7 +117,10 @@ def test_same_gradients(ddp_and_single):
     assert ddp["grads"].keys() == single["grads"].keys()
     assert any("backbone" in n for n in single["grads"])  # the backbone trains too
     for name, grad in single["grads"].items():
-        torch.testing.assert_close(ddp["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        # Summation order differs (per process, then averaged): compare against the tensor's scale.
+        # (Some are exactly 0: the first decoder layer's self-attention sees a zero target.)
+        scale = grad.abs().max().item()
+        assert (ddp["grads"][name] - grad).abs().max().item() <= 1e-5 * scale, name
 
 
 def test_same_updated_weights(ddp_and_single):

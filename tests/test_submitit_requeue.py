@@ -77,3 +77,29 @@ def test_preempted_job_requeues_and_resumes_from_saved_epoch(tmp_path, monkeypat
     assert final["args"].resume == str(checkpoint)
     assert 1 <= final["args"].start_epoch < EPOCHS
     assert final["args"].world_size == 2
+
+
+def test_slurm_job_asks_one_task_per_gpu_and_an_early_signal(tmp_path, monkeypatch):
+    """The sbatch script submitit would write for --nodes 2 --ngpus 8 (a stand-in srun makes this a Slurm host)."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    args = run_with_submitit.get_args_parser().parse_args(
+        ["--nodes", "2", "--ngpus", "8", "--timeout", "4320", "--partition", "gpu", "--use_volta32",
+         "--comment", "deadline"])
+    executor = run_with_submitit.make_executor(args, tmp_path / "%j")
+    script = executor._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--mem=320GB",
+                 "--time=4320", "--partition=gpu", "--constraint=volta32gb", "--comment=deadline",
+                 "--signal=USR2@120", "--job-name=detr"):
+        assert f"#SBATCH {line}\n" in script
+
+
+def test_job_folder_from_flag_env_or_clear_error(tmp_path):
+    assert run_with_submitit.resolve_job_dir("/runs/a_%j", "", environ={}) == Path("/runs/a_%j")
+    assert run_with_submitit.resolve_job_dir("", "/shared", environ={}) == Path("/shared/%j")
+    assert run_with_submitit.resolve_job_dir("", "", environ={"DETR_JOB_DIR": "/env"}) == Path("/env/%j")
+    with pytest.raises(SystemExit, match="--job_dir DIR, or --shared_dir DIR, or set DETR_JOB_DIR"):
+        run_with_submitit.resolve_job_dir("", "", environ={})
