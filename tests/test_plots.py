@@ -31,7 +31,11 @@ def _coco_eval_dict() -> dict:
         evaluator = COCOeval(gt, dt, "bbox")
         evaluator.evaluate()
         evaluator.accumulate()
-    return {k: evaluator.eval[k] for k in ("precision", "recall", "scores", "counts", "date")}
+    data = {k: evaluator.eval[k] for k in ("precision", "recall", "scores", "counts", "date")}
+    # As main.py saves it: params as a plain dict, which still holds numpy scalars (image ids).
+    data["params"] = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in vars(evaluator.params).items()}
+    data["params"]["imgIds"] = [np.int64(i) for i in data["params"]["imgIds"]]
+    return data
 
 
 def _make_run(root, name, epochs=3):

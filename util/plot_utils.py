@@ -89,8 +89,9 @@ def plot_logs(
     return fig, axes
 
 
-# Arrays in a saved pycocotools `eval` dict; numpy's reconstruction is the only code it needs.
-_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype] + [
+# Arrays and scalars (e.g. params.imgIds) in a saved pycocotools `eval` dict; numpy's
+# reconstruction is the only code it needs.
+_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype] + [
     getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")
 ]
 
