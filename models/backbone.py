@@ -76,6 +76,8 @@ class Backbone(BackboneBase):
                  weights: Optional[Union[str, Path, dict]] = None, trainable_norm: bool = False):
         if not name.startswith("resnet") or not hasattr(torchvision.models, name):
             raise ValueError(f"--backbone {name!r} is not a torchvision ResNet (e.g. resnet50, resnet101)")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50, resnet101); {name} cannot dilate")
         norm_layer = nn.BatchNorm2d if trainable_norm else FrozenBatchNorm2d
         resnet = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
                                                    norm_layer=norm_layer)
