@@ -210,3 +210,22 @@ def test_explicit_shape_flag_wins_and_a_wrong_one_is_a_clear_error(tmp_path):
     with pytest.raises((CheckpointError, SystemExit, RuntimeError), match="query|queries"):
         predict.main(["--resume", str(tmp_path / "ckpt.pth"), "--img_dirs", str(tmp_path / "one.png"),
                       "--output_dir", str(tmp_path / "out"), "--num_queries", "12"])
+
+
+@needs_model
+def test_mask_model_draws_masks(tmp_path):
+    _tiny_checkpoint(tmp_path / "ckpt.pth", ["--masks", "--hidden_dim", "128", "--nheads", "8"])
+    grey = Image.new("RGB", (64, 48), (128, 128, 128))
+    grey.save(tmp_path / "grey.png")
+    out = tmp_path / "out"
+    summary = predict.main(["--resume", str(tmp_path / "ckpt.pth"), "--img_dirs", str(tmp_path / "grey.png"),
+                            "--output_dir", str(out), "--threshold", "0"])
+    assert summary["detections"] == 10
+    drawn = np.asarray(Image.open(out / "pictures" / "grey.png").convert("RGB"), dtype=int)
+    # The same boxes and labels drawn without masks: any difference is the masks' tint.
+    predictions = json.loads((out / "predictions.json").read_text())
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (p["bbox"] for p in predictions)])
+    labels = [f"{p['category_name']} {p['score']:.2f}" for p in predictions]
+    boxes_only = predict.draw_detections(grey, boxes, labels, [p["category_id"] for p in predictions])
+    assert drawn.shape == (48, 64, 3)
+    assert (np.abs(drawn - np.asarray(boxes_only, dtype=int)).sum(-1) > 0).mean() > 0.05
