@@ -1,13 +1,14 @@
 """Each benchmark script runs in its --quick configuration and writes the figures it promises.
 
-The scripts run as users run them (`python benchmarks/bench_x.py --quick --out FILE`); the JSON
+The scripts run as `python benchmarks/bench_x.py --quick --out FILE` would (runpy with
+run_name='__main__', in this process to save the start-up of a new interpreter); the JSON
 is checked for its machine block, positive times, and for the fast modes giving the plain path's
 numbers (fp32 within 1e-4, COCO stats equal). Scripts whose project modules are not there yet are
 skipped with the missing module named.
 """
 import importlib
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -17,11 +18,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_bench(script: str, out: Path, *extra: str) -> dict:
-    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
-    data = json.loads(out.read_text())
+@pytest.fixture
+def run_bench(monkeypatch):
+    def run(script: str, out: Path, *extra: str) -> dict:
+        monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+        monkeypatch.setattr(sys, "argv", [script, "--quick", "--out", str(out), *extra])
+        threads = torch.get_num_threads()
+        try:
+            runpy.run_path(str(ROOT / "benchmarks" / script), run_name="__main__")
+        finally:
+            torch.set_num_threads(threads)  # bench_data runs one thread; give the others theirs back
+        return check_common_fields(json.loads(out.read_text()))
+
+    return run
+
+
+def check_common_fields(data: dict) -> dict:
     machine = data["machine"]
     assert machine["cores"] >= 1 and machine["torch"] == torch.__version__ and machine["device"] == "cpu"
     assert data["quick"] is True
@@ -36,9 +48,10 @@ def require(*modules: str) -> None:
             pytest.skip(f"{name} is not importable yet ({err})")
 
 
-def test_inference_fast_modes_match_plain_path(tmp_path):
+def test_inference_fast_modes_match_plain_path(tmp_path, run_bench):
     require("models.backbone", "models.detr", "models.position_encoding", "models.transformer", "models.fuse")
-    data = run_bench("bench_inference.py", tmp_path / "inf.json", "--warmup", "0", "--repeats", "1", "--bf16")
+    data = run_bench("bench_inference.py", tmp_path / "inf.json", "--warmup", "0", "--repeats", "1", "--bf16",
+                     "--batch-sizes", "1,2")
     assert set(data["results"]) == {"batch_1", "batch_2"}
     for rows in data["results"].values():
         assert {"eager_fp32", "original_style", "inference_mode", "fold_bn_cl", "bf16_autocast"} <= set(rows)
@@ -51,7 +64,7 @@ def test_inference_fast_modes_match_plain_path(tmp_path):
         assert 0 < rows["bf16_autocast"]["max_abs_diff"] < 0.5
 
 
-def test_train_step_modes_match_and_report_memory(tmp_path):
+def test_train_step_modes_match_and_report_memory(tmp_path, run_bench):
     require("models.backbone", "models.detr", "models.position_encoding", "models.transformer", "models.matcher")
     data = run_bench("bench_train_step.py", tmp_path / "train.json", "--warmup", "0", "--repeats", "1")
     rows = data["results"]
@@ -65,7 +78,7 @@ def test_train_step_modes_match_and_report_memory(tmp_path):
         assert row["peak_rss_mb"] >= row["rss_before_step_mb"] > 0
 
 
-def test_data_pipeline_both_paths_measured(tmp_path):
+def test_data_pipeline_both_paths_measured(tmp_path, run_bench):
     require("datasets.coco", "datasets.transforms", "util.misc")
     data = run_bench("bench_data.py", tmp_path / "data.json")
     for recipe in ("train", "val"):
@@ -74,7 +87,7 @@ def test_data_pipeline_both_paths_measured(tmp_path):
         assert rows["project_over_pil"] == pytest.approx(rows["project"]["img_per_s"] / rows["pil"]["img_per_s"])
 
 
-def test_coco_eval_backends_give_the_same_12_numbers(tmp_path):
+def test_coco_eval_backends_give_the_same_12_numbers(tmp_path, run_bench):
     data = run_bench("bench_coco_eval.py", tmp_path / "eval.json")
     rows = data["results"]
     reference = rows["pycocotools"]["stats"]
@@ -84,7 +97,7 @@ def test_coco_eval_backends_give_the_same_12_numbers(tmp_path):
         assert row["stats"] == pytest.approx(reference, abs=1e-12), name
 
 
-def test_hf_peer_skips_cleanly_without_transformers(tmp_path):
+def test_hf_peer_skips_cleanly_without_transformers(tmp_path, run_bench):
     if importlib.util.find_spec("transformers") is not None:
         pytest.skip("transformers is installed: the peer comparison really runs (not a smoke test)")
     data = run_bench("bench_hf_detr.py", tmp_path / "hf.json")
