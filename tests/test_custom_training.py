@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import predict
 from util.checkpoint import load_checkpoint
@@ -70,6 +71,11 @@ def test_custom_dataset_trains_and_predicts_named_ids(tmp_path, repo_root, categ
     assert checkpoint["args"].num_classes == largest + 1
     log = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
     assert log[-1]["epoch"] == 0 and "train_loss" in log[-1]
+    accumulator = EventAccumulator(str(run / "tensorboard"))
+    accumulator.Reload()
+    loss = accumulator.Scalars("train/loss")
+    assert [e.step for e in loss] == [0] and loss[0].value == pytest.approx(log[-1]["train_loss"], rel=1e-5)
+    assert "test/coco_eval_bbox/AP" in accumulator.Tags()["scalars"]
 
     out = tmp_path / "preds"
     summary = predict.main(["--resume", str(run / "checkpoint.pth"), "--img_dirs", str(data / "val"),
