@@ -288,6 +288,33 @@ def resolve_device(requested: str | None) -> torch.device:
     return device
 
 
+def instance_masks(postprocessors: dict, outputs: dict, found: list[dict], sizes_hw: torch.Tensor,
+                   tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Per image, the kept detections' masks [N, H, W] bool at the original size; None for a box model."""
+    if "segm" not in postprocessors or "pred_masks" not in outputs:
+        return None
+    processed = torch.tensor([list(t.shape[-2:]) for t in tensors], device=sizes_hw.device)
+    empty = [{} for _ in tensors]  # PostProcessSegm only adds 'masks' [Q, 1, H, W] to these
+    with_masks = postprocessors["segm"](empty, outputs, sizes_hw.long(), processed)
+    return [r["masks"][f["queries"], 0].bool().cpu() for r, f in zip(with_masks, found)]
+
+
+def coco_results(image_id: int, file_name: str, size_wh: tuple[int, int], found: dict,
+                 names: dict[int, str]) -> tuple[list[dict], torch.Tensor]:
+    """COCO results entries of one image (bbox xywh, clipped to the picture) and the clipped xyxy boxes."""
+    boxes = found["boxes"].cpu().clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, size_wh[0])
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, size_wh[1])
+    entries = []
+    for (x0, y0, x1, y1), category_id, score in zip(boxes.tolist(), found["labels"].tolist(),
+                                                    found["scores"].tolist()):
+        entries.append({"image_id": image_id, "category_id": category_id,
+                        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                        "score": round(score, 5), "file_name": file_name,
+                        "category_name": names.get(category_id, str(category_id))})
+    return entries, boxes
+
+
 def predict(args: argparse.Namespace, checkpoint: dict) -> dict[str, Any]:
     """Run the model over args.img_dirs and write OUT/predictions.json, images.json, pictures/.
 
@@ -325,31 +352,17 @@ def predict(args: argparse.Namespace, checkpoint: dict) -> dict[str, Any]:
             with torch.no_grad():
                 outputs = model(tensors)
             found = detections(outputs, sizes, valid_ids, args.threshold)
-            masks = None
-            if "segm" in postprocessors and "pred_masks" in outputs:
-                processed = torch.tensor([list(t.shape[-2:]) for t in tensors], device=device)
-                full = [{"scores": torch.zeros(0), "labels": torch.zeros(0), "boxes": torch.zeros(0)}
-                        for _ in loaded]
-                full = postprocessors["segm"](full, outputs, sizes.long(), processed)
-                masks = [r["masks"][f["queries"], 0].cpu() for r, f in zip(full, found)]
+            masks = instance_masks(postprocessors, outputs, found, sizes, tensors)
             for index, ((path, name, picture), found_one) in enumerate(zip(loaded, found)):
                 image_id = len(images) + 1
                 images.append({"id": image_id, "file_name": name, "width": picture.width, "height": picture.height})
-                ids = found_one["labels"].tolist()
-                boxes = found_one["boxes"].cpu()
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, picture.width)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, picture.height)
-                label_texts = []
-                for box, category_id, score in zip(boxes.tolist(), ids, found_one["scores"].tolist()):
-                    category_name = names.get(category_id, str(category_id))
-                    label_texts.append(f"{category_name} {score:.2f}")
-                    results.append({"image_id": image_id, "category_id": category_id,
-                                    "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
-                                             round(box[3] - box[1], 2)],
-                                    "score": round(score, 5), "file_name": name, "category_name": category_name})
+                entries, boxes = coco_results(image_id, name, picture.size, found_one, names)
+                results += entries
+                labels = [f"{e['category_name']} {e['score']:.2f}" for e in entries]
                 picture_out = (out / "pictures" / name).with_suffix(".png")
                 picture_out.parent.mkdir(parents=True, exist_ok=True)
-                draw_detections(picture, boxes, label_texts, ids, masks[index] if masks else None).save(picture_out)
+                draw_detections(picture, boxes, labels, [e["category_id"] for e in entries],
+                                masks[index] if masks else None).save(picture_out)
         done += len(chunk)
         elapsed = time.perf_counter() - start
         print(f"[{done}/{len(files)}] {done / max(elapsed, 1e-9):.2f} images/s", flush=True)
