@@ -44,12 +44,18 @@ def _run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
 
 
 def _eval_single_process(data: Path, checkpoint: Path, output_dir: Path) -> dict:
-    """main.main in this process: no launcher environment, so no process group."""
+    """main.main in this process: no launcher environment, so no process group. One thread, as the
+    launched processes (OMP_NUM_THREADS=1): CPU kernels sum in another order with more threads."""
     import main
 
     args = argparse.ArgumentParser(parents=[main.get_args_parser()]).parse_args(
         _tiny_flags(data) + ["--eval", "--resume", str(checkpoint), "--output_dir", str(output_dir)])
-    return main.main(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main.main(args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +103,12 @@ def test_torch_distributed_launch_use_env_eval_matches(torchrun_run, data, tmp_p
           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "main.py", *_tiny_flags(data),
           "--eval", "--resume", str(out / "checkpoint.pth"), "--output_dir", str(launched)])
     _eval_single_process(data, out / "checkpoint.pth", single)
-    a = torch.load(launched / "eval.pth", weights_only=True)
-    b = torch.load(single / "eval.pth", weights_only=True)
-    assert a["params"]["imgIds"] == b["params"]["imgIds"] == list(range(1, VAL_SIZE + 1))
+    # Files this test just wrote; their params hold numpy scalars, which weights_only refuses.
+    a = torch.load(launched / "eval.pth", weights_only=False)
+    b = torch.load(single / "eval.pth", weights_only=False)
+    assert list(a["params"]["imgIds"]) == list(b["params"]["imgIds"]) == list(range(1, VAL_SIZE + 1))
+    # A tiny model after one epoch scores AP 0, but the score arrays still hold each category's
+    # top detection score (at recall 0): the same detections were evaluated.
+    assert b["scores"].max() > 0
     for key in ("precision", "recall", "scores"):
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+        torch.testing.assert_close(torch.as_tensor(a[key]), torch.as_tensor(b[key]), rtol=0, atol=0)
