@@ -5,7 +5,10 @@ The R50-scale checks build the official checkpoint's state dict from the contrac
 queries; with models/ present they also adapt it into the real full-size model.
 """
 import argparse
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,7 +153,7 @@ def _three_class_data(root: Path) -> list[str]:
         images.append({"id": i + 1, "file_name": f"{i}.png", "width": 96, "height": 80})
         annotations.append({"id": i + 1, "image_id": i + 1, "category_id": category, "bbox": [x, y, 30, 25],
                             "area": 750, "iscrowd": 0})
-    (root / "ann.json").write_text(__import__("json").dumps(
+    (root / "ann.json").write_text(json.dumps(
         {"images": images, "annotations": annotations,
          "categories": [{"id": c, "name": n} for c, n in enumerate(["r", "g", "b"])]}))
     return ["--dataset_file", "custom", "--train_images", str(root / "img"), "--train_annotations",
@@ -163,9 +166,6 @@ def test_main_finetune_logs_exactly_the_reinitialised_tensors(tmp_path, repo_roo
     With both learning rates 0 the saved weights show what --finetune loaded: the checkpoint's
     everywhere except the three re-initialised tensors.
     """
-    import subprocess
-    import sys
-
     if not (repo_root / "main.py").is_file():
         pytest.skip("main.py not written yet")
     main = pytest.importorskip("main")

@@ -58,8 +58,9 @@ def test_render_lays_out_one_panel_per_detection():
 
 
 def _have_model_code() -> bool:
-    return (Path(__file__).resolve().parents[1] / "main.py").is_file() and hasattr(
-        __import__("models"), "build_model")
+    import models
+
+    return (Path(__file__).resolve().parents[1] / "main.py").is_file() and hasattr(models, "build_model")
 
 
 @pytest.mark.skipif(not _have_model_code(), reason="main.py / models.build_model not present yet")
