@@ -140,9 +140,9 @@ def _need_main() -> None:
 def test_kills_during_checkpoint_write_and_training_resume(tmp_path):
     _need_main()
     rng = random.Random(8)
-    seen = _kill_loop(tmp_path, epochs=3, plan=["write", "random", "write"], rng=rng)
+    seen = _kill_loop(tmp_path, epochs=2, plan=["write", "random"], rng=rng)
     assert seen[0] in (-1, 0)  # killed inside the first write: no checkpoint yet, or the complete epoch 0
-    assert _writes(tmp_path / "writes.txt") >= 3
+    assert _writes(tmp_path / "writes.txt") >= 3  # eval/latest.pth and checkpoint.pth per epoch, some redone
 
 
 @pytest.mark.slow
