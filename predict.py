@@ -390,7 +390,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except CheckpointError as err:
         raise SystemExit(f"predict.py: {err}") from err
     args = apply_checkpoint_args(args, explicit_flags(argv), checkpoint)
-    return predict(args, checkpoint)
+    try:
+        return predict(args, checkpoint)
+    except CheckpointError as err:  # flags that do not fit the weights: the message lists what differs
+        raise SystemExit(f"predict.py: {err}") from err
 
 
 if __name__ == "__main__":

@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> Path:
     device = predict.resolve_device(args.device)
     args.device = str(device)
     model, _, _ = build_model(args)
-    load_model_state(model, checkpoint["model"], what=str(args.resume))
+    try:
+        load_model_state(model, checkpoint["model"], what=str(args.resume))
+    except CheckpointError as err:
+        raise SystemExit(f"visualize_attention.py: {err}") from err
     model = model.detr if hasattr(model, "detr") else model  # a mask model's box part holds the decoder
     model.to(device).eval()
 
