@@ -20,8 +20,8 @@ from util.checkpoint import CheckpointError
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",
         "--nheads", "2", "--enc_layers", "1", "--dec_layers", "1", "--num_queries", "10", "--image_scale", "0.16",
-        "--num_workers", "0", "--device", "cpu", "--dataset_file", "shapes", "--shapes_train_size", "8",
-        "--shapes_val_size", "4", "--batch_size", "2", "--lr_drop", "1000"]
+        "--num_workers", "0", "--device", "cpu", "--dataset_file", "shapes", "--shapes_train_size", "4",
+        "--shapes_val_size", "2", "--batch_size", "2", "--lr_drop", "1000", "--lr_backbone", "0"]
 
 
 def _main(argv: list[str]):
