@@ -37,3 +37,20 @@ def test_scripted_padding_is_identical():
     images = [torch.randn(3, 5, 7), torch.randn(3, 6, 4)]
     a, b = scripted(images), nested_tensor_from_tensor_list(images)
     assert torch.equal(a.tensors, b.tensors) and torch.equal(a.mask, b.mask)
+
+
+def test_traced_padding_follows_new_sizes():
+    import warnings
+
+    def pad_two(a, b):
+        nt = nested_tensor_from_tensor_list([a, b])
+        return nt.tensors, nt.mask
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(pad_two, (torch.randn(3, 4, 5), torch.randn(3, 6, 2)))
+    a, b = torch.randn(3, 7, 3), torch.randn(3, 2, 9)  # other sizes than at tracing time
+    tensors, mask = traced(a, b)
+    expected = nested_tensor_from_tensor_list([a, b])
+    assert tensors.shape == (2, 3, 7, 9)
+    assert torch.equal(tensors, expected.tensors) and torch.equal(mask, expected.mask)

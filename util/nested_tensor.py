@@ -60,13 +60,13 @@ def _pad_eager(tensor_list: List[Tensor]) -> NestedTensor:
 def _pad_traced(tensor_list: List[Tensor]) -> NestedTensor:
     # Tracing records sizes as tensors only through stack/max and F.pad, not through in-place
     # copies into a preallocated buffer, so the exported graph stays valid for other sizes.
-    max_size = torch.stack([torch.tensor(img.shape, dtype=torch.int64) for img in tensor_list]).max(0).values
+    max_size = [torch.stack([torch._shape_as_tensor(img)[i] for img in tensor_list]).max() for i in range(3)]
     padded, masks = [], []
     for img in tensor_list:
-        pad = [t - s for t, s in zip(max_size, torch.tensor(img.shape, dtype=torch.int64))]
-        padded.append(F.pad(img, (0, int(pad[2]), 0, int(pad[1]), 0, int(pad[0]))))
+        pad = [m - s for m, s in zip(max_size, torch._shape_as_tensor(img))]
+        padded.append(F.pad(img, (0, pad[2], 0, pad[1], 0, pad[0])))
         valid = torch.zeros_like(img[0], dtype=torch.int32)
-        masks.append(F.pad(valid, (0, int(pad[2]), 0, int(pad[1])), value=1).to(torch.bool))
+        masks.append(F.pad(valid, (0, pad[2], 0, pad[1]), value=1).to(torch.bool))
     return NestedTensor(torch.stack(padded), torch.stack(masks))
 
 
