@@ -101,10 +101,10 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
         # Averaged over processes, so every rank takes the same decision below.
-        reduced = reduce_dict(loss_dict)
+        reduced = reduce_dict({k: v.detach() for k, v in loss_dict.items()})
         reduced_scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
         reduced_unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
-        loss_value = float(sum(reduced_scaled.values()))
+        loss_value = sum(float(v) for v in reduced_scaled.values())
 
         if not math.isfinite(loss_value) or not torch.isfinite(losses).all():
             terms = ", ".join(f"{k}={float(v):.6g}" for k, v in loss_dict.items())
@@ -183,7 +183,7 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
         reduced = reduce_dict(loss_dict)
         reduced_scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
         reduced_unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
-        logger.update(loss=float(sum(reduced_scaled.values())), **reduced_scaled, **reduced_unscaled)
+        logger.update(loss=sum(float(v) for v in reduced_scaled.values()), **reduced_scaled, **reduced_unscaled)
         if "class_error" in reduced:
             logger.update(class_error=reduced["class_error"])
 
