@@ -98,7 +98,6 @@ def make_executor(args: argparse.Namespace, folder: Path) -> submitit.Executor:
             timeout_min=args.timeout,
             tasks_per_node=args.ngpus,
             gpus_per_node=args.ngpus if str(args.device).startswith("cuda") else 0,
-            local_signal_delay_s=5,
         )
     else:
         slurm_options = {"slurm_constraint": "volta32gb"} if args.use_volta32 else {}
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     job = submit(args)
     if args.executor == "local":
-        job.result()  # a local job lives with this process; wait, and raise if it failed
+        job.results()  # a local job lives with this process; wait, and raise if a task failed
 
 
 if __name__ == "__main__":
