@@ -1,5 +1,5 @@
 """DETR's set loss: match predictions to targets, then classification, box and mask losses."""
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from util.nested_tensor import nested_tensor_from_tensor_list
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25, gamma: float = 2,
-                       valid: Tensor = None) -> Tensor:
+                       valid: Optional[Tensor] = None) -> Tensor:
     """Focal loss of mask logits [N, P] against 0/1 targets [N, P]: mean over (valid) pixels, summed, / num_boxes."""
     loss = _tv_sigmoid_focal_loss(inputs, targets, alpha=alpha, gamma=gamma, reduction="none")
     if valid is None:
@@ -21,7 +21,7 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha:
     return ((loss * valid).sum(1) / valid.sum(1).clamp(min=1)).sum() / num_boxes
 
 
-def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: float, valid: Tensor = None) -> Tensor:
+def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: float, valid: Optional[Tensor] = None) -> Tensor:
     """1 - (2 * intersection + 1) / (pred sum + target sum + 1) per mask, summed, / num_boxes."""
     inputs = inputs.sigmoid().flatten(1)
     if valid is not None:
