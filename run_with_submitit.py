@@ -34,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="job folder ('%%j' = job id); empty = <--shared_dir or $DETR_JOB_DIR>/%%j")
     parser.add_argument("--shared_dir", default="", type=str,
                         help=f"folder shared by all nodes where job folders are made (default ${JOB_DIR_ENV})")
-    parser.add_argument("--partition", default="learnfair", type=str, help="Slurm partition")
+    parser.add_argument("--partition", default="", type=str, help="Slurm partition (empty: the cluster's default)")
     parser.add_argument("--use_volta32", action="store_true", help="ask for 32 GB V100s (constraint volta32gb)")
     parser.add_argument("--comment", default="", type=str, help="Slurm comment (e.g. why the job has priority)")
     parser.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per task (data loading)")
@@ -101,6 +101,8 @@ def make_executor(args: argparse.Namespace, folder: Path) -> submitit.Executor:
         )
     else:
         slurm_options = {"slurm_constraint": "volta32gb"} if args.use_volta32 else {}
+        if args.partition:
+            slurm_options["slurm_partition"] = args.partition
         if args.comment:
             slurm_options["slurm_comment"] = args.comment
         executor.update_parameters(
@@ -110,7 +112,6 @@ def make_executor(args: argparse.Namespace, folder: Path) -> submitit.Executor:
             cpus_per_task=args.cpus_per_task,
             nodes=args.nodes,
             timeout_min=args.timeout,
-            slurm_partition=args.partition,
             slurm_signal_delay_s=120,  # time to finish the checkpoint before the job is killed
             **slurm_options,
         )

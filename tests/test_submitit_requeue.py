@@ -95,6 +95,10 @@ def test_slurm_job_asks_one_task_per_gpu_and_an_early_signal(tmp_path, monkeypat
                  "--time=4320", "--partition=gpu", "--constraint=volta32gb", "--comment=deadline",
                  "--signal=USR2@120", "--job-name=detr"):
         assert f"#SBATCH {line}\n" in script
+    plain = run_with_submitit.make_executor(run_with_submitit.get_args_parser().parse_args([]), tmp_path / "%j")
+    plain_script = plain._executor._make_submission_file_text("python -m submitit.core._submit x", "uid")
+    assert "--partition" not in plain_script and "--constraint" not in plain_script  # the cluster's defaults
+    assert "#SBATCH --nodes=4\n" in plain_script and "#SBATCH --ntasks-per-node=8\n" in plain_script
 
 
 def test_job_folder_from_flag_env_or_clear_error(tmp_path):
