@@ -364,6 +364,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f.write(json.dumps(log_stats) + "\n")
             if coco_evaluator is not None and "bbox" in coco_evaluator.iou_types:
                 payload = _eval_payload(coco_evaluator)
+                (output_dir / "eval").mkdir(exist_ok=True)
                 save_checkpoint(payload, output_dir / "eval" / "latest.pth")
                 if epoch % 50 == 0:
                     save_checkpoint(payload, output_dir / "eval" / f"{epoch:03}.pth")
