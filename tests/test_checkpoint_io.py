@@ -172,7 +172,7 @@ def test_only_main_process_writes(tmp_path, monkeypatch):
 
 
 class _TinyDetr(torch.nn.Module):
-    def __init__(self, num_classes: int, masks: bool = False):
+    def __init__(self, num_classes: int):
         super().__init__()
         self.class_embed = torch.nn.Linear(8, num_classes + 1)
         self.query_embed = torch.nn.Embedding(5, 8)
