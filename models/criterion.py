@@ -118,8 +118,12 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """outputs of DETR / DETRsegm; targets: labels [N] int64, boxes [N,4] normalised cxcywh, masks [N,H,W]."""
-        for i, t in enumerate(targets):
-            check_labels(t["labels"], self.num_classes, f"SetCriterion (image {i} of the batch)")
+        try:
+            check_labels(torch.cat([t["labels"] for t in targets]), self.num_classes, "SetCriterion")
+        except ValueError:
+            for i, t in enumerate(targets):  # say which image holds the bad label
+                check_labels(t["labels"], self.num_classes, f"SetCriterion (image {i} of the batch)")
+            raise
         main_outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         indices = self.matcher(main_outputs, targets)
         num_boxes = _num_boxes(targets, outputs["pred_logits"].device)

@@ -4,24 +4,31 @@ from typing import Dict, List, Tuple
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou
 
-from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from util.box_ops import box_cxcywh_to_xyxy
 
 
 def check_labels(labels: Tensor, num_classes: int, where: str) -> None:
-    """Raise a clear error for a label outside [0, num_classes)."""
+    """Raise a clear error for a label outside [0, num_classes) (one host sync for the whole tensor)."""
     if labels.numel() == 0:
         return
-    low, high = int(labels.min()), int(labels.max())
+    low, high = torch.aminmax(labels)
+    low, high = int(low), int(high)
     if high >= num_classes or low < 0:
         bad = high if high >= num_classes else low
         raise ValueError(f"{where}: target label {bad} is outside [0, num_classes={num_classes}); "
                          "num_classes must be the largest category id + 1 (set --num_classes or fix the annotations)")
 
 
-def _require_finite(tensor: Tensor, what: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"HungarianMatcher: {what} contains NaN/inf (the model diverged or the input is corrupt)")
+def _explain_non_finite(logits: Tensor, boxes: Tensor, targets: List[Dict[str, Tensor]]) -> ValueError:
+    """Name the first non-finite input of a cost matrix that was found to hold NaN/inf."""
+    culprits = [("pred_logits", logits), ("pred_boxes", boxes)]
+    culprits += [(f"target boxes of image {i}", t["boxes"]) for i, t in enumerate(targets)]
+    for what, tensor in culprits:
+        if not bool(torch.isfinite(tensor).all()):
+            return ValueError(f"HungarianMatcher: {what} contains NaN/inf (the model diverged or the input is corrupt)")
+    return ValueError("HungarianMatcher: the GIoU cost contains NaN/inf (degenerate zero-area boxes)")
 
 
 class HungarianMatcher(nn.Module):
@@ -44,26 +51,32 @@ class HungarianMatcher(nn.Module):
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if len(targets) != logits.shape[0]:
             raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {logits.shape[0]} images")
-        _require_finite(logits, "pred_logits")
-        _require_finite(boxes, "pred_boxes")
         num_classes = logits.shape[-1] - 1
+        check_labels(torch.cat([t["labels"] for t in targets]), num_classes, "HungarianMatcher")
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes.dtype)
+        if target_boxes.numel() and not bool((target_boxes[:, 2:] >= 0).all()):
+            raise ValueError("HungarianMatcher: a target box has negative width or height (expected cxcywh)")
         prob = logits.softmax(-1)
-        indices = []
+        # Each image's [Q, n_i] block only; the blocks travel to the CPU together in one copy.
+        blocks = []
         for i, target in enumerate(targets):
-            labels, target_boxes = target["labels"], target["boxes"]
-            if labels.numel() == 0:
+            labels, tb = target["labels"], target["boxes"].to(boxes.dtype)
+            cost_class = -prob[i][:, labels]
+            cost_bbox = torch.cdist(boxes[i], tb, p=1)
+            cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes[i]), box_cxcywh_to_xyxy(tb))
+            blocks.append(self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou)
+        flat = torch.cat([b.flatten() for b in blocks])
+        if not bool(torch.isfinite(flat).all()):
+            raise _explain_non_finite(logits, boxes, targets)
+        flat = flat.float().cpu()
+        indices = []
+        for block in flat.split([b.numel() for b in blocks]):
+            num_targets = block.numel() // logits.shape[1]
+            if num_targets == 0:
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            check_labels(labels, num_classes, "HungarianMatcher")
-            _require_finite(target_boxes, f"target boxes of image {i}")
-            cost_class = -prob[i][:, labels]
-            cost_bbox = torch.cdist(boxes[i], target_boxes.to(boxes.dtype), p=1)
-            cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes[i]), box_cxcywh_to_xyxy(target_boxes.to(boxes.dtype)))
-            _require_finite(cost_giou, f"the GIoU cost of image {i} (degenerate zero-area boxes)")
-            cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-            # Only this image's [Q, n_i] block goes to the CPU.
-            rows, cols = linear_sum_assignment(cost.float().cpu().numpy())
+            rows, cols = linear_sum_assignment(block.view(logits.shape[1], num_targets).numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
 

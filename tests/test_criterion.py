@@ -97,7 +97,7 @@ def test_empty_targets_and_bad_labels():
     losses = crit(outputs, [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}])
     assert losses["loss_bbox"].item() == 0 and losses["class_error"].item() == 100
     assert math.isfinite(losses["loss_ce"].item())
-    with pytest.raises(ValueError, match=r"label 3 .*num_classes=3"):
+    with pytest.raises(ValueError, match=r"image 0 .*label 3 .*num_classes=3"):
         crit(outputs, [{"labels": torch.tensor([3]), "boxes": torch.rand(1, 4)}])
 
 

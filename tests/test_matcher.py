@@ -83,3 +83,10 @@ def test_label_out_of_range_is_named():
     targets = [{"labels": torch.tensor([2, 6]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]] * 2)}]
     with pytest.raises(ValueError, match=r"label 6 .*num_classes=6"):
         HungarianMatcher()(out, targets)
+
+
+def test_negative_target_size_is_refused():
+    out = {"pred_logits": torch.zeros(1, 2, 3), "pred_boxes": torch.full((1, 2, 4), 0.5)}
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, -0.2, 0.2]])}]
+    with pytest.raises(ValueError, match="negative width or height"):
+        HungarianMatcher()(out, targets)
