@@ -105,3 +105,44 @@ def test_nccl_chosen_only_when_cuda_is_used(monkeypatch):
     args = argparse.Namespace(device="cpu", dist_url="env://", world_size=1)
     du.init_distributed_mode(args)
     assert args.dist_backend == "gloo"
+
+
+def _fake_cuda_launch(monkeypatch, local_rank: int, visible_gpus: int) -> list:
+    """Rank 1 of 2 under torchrun on a CUDA machine, with the process group calls recorded, not made."""
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible_gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(du.dist, "init_process_group", lambda **kw: calls.append(("init", kw)))
+    monkeypatch.setattr(du.dist, "barrier", lambda *a, **kw: calls.append(("barrier",)))
+    return calls
+
+
+def test_cuda_process_uses_its_local_gpu_and_nccl(monkeypatch):
+    calls = _fake_cuda_launch(monkeypatch, local_rank=1, visible_gpus=8)
+    args = argparse.Namespace(device="cuda", dist_url="env://", world_size=1)
+    try:
+        du.init_distributed_mode(args)
+    finally:
+        du.cleanup()
+    assert (args.rank, args.world_size, args.gpu, args.dist_backend) == (1, 2, 1, "nccl")
+    assert calls[0] == ("set_device", 1)
+    assert calls[1] == ("init", {"backend": "nccl", "init_method": "env://", "world_size": 2, "rank": 1,
+                                 "device_id": torch.device("cuda", 1)})
+    assert calls[2] == ("barrier",)
+
+
+def test_one_bound_gpu_per_process_and_missing_gpu(monkeypatch):
+    calls = _fake_cuda_launch(monkeypatch, local_rank=3, visible_gpus=1)  # srun --gpus-per-task=1
+    args = argparse.Namespace(device="cuda", dist_url="env://", world_size=1)
+    try:
+        du.init_distributed_mode(args)
+    finally:
+        du.cleanup()
+    assert args.gpu == 0 and calls[0] == ("set_device", 0)
+    _fake_cuda_launch(monkeypatch, local_rank=3, visible_gpus=2)
+    with pytest.raises(RuntimeError, match="local rank 3 has no GPU: only 2 visible"):
+        du.init_distributed_mode(argparse.Namespace(device="cuda", dist_url="env://", world_size=1))

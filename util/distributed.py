@@ -202,9 +202,12 @@ def init_distributed_mode(args) -> None:
     args.distributed = True
     device_id = None
     if use_cuda:
-        if args.gpu >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        if visible == 1:
+            args.gpu = 0  # the launcher bound one GPU to this process (e.g. srun --gpus-per-task=1)
+        elif args.gpu >= visible:
             raise RuntimeError(
-                f"local rank {args.gpu} has no GPU: only {torch.cuda.device_count()} visible "
+                f"local rank {args.gpu} has no GPU: only {visible} visible "
                 "(start at most one process per GPU, or check CUDA_VISIBLE_DEVICES)"
             )
         torch.cuda.set_device(args.gpu)
