@@ -57,12 +57,15 @@ def main() -> None:
     parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     parser.add_argument("--out", required=True, help="output file (.onnx or .pt)")
     args = parser.parse_args()
-    args.backbone_weights = "checkpoint"
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    # A model trained with --backbone_weights none has trainable BatchNorm; build it the same way.
+    trained_with = getattr(checkpoint.get("args"), "backbone_weights", None) if checkpoint else None
+    args.backbone_weights = "none" if trained_with == "none" else "checkpoint"
     args.aux_loss = False
     args.device = "cpu"
     model, _, _ = build_model(args)
-    if args.resume:
-        load_model_state(model, load_checkpoint(args.resume)["model"])
+    if checkpoint is not None:
+        load_model_state(model, checkpoint["model"])
     if args.format == "onnx":
         if args.masks:
             raise SystemExit("export.py: ONNX export covers detection models; use --format torchscript with --masks")
