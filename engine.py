@@ -142,6 +142,11 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     return {name: meter.global_avg for name, meter in logger.meters.items()}
 
 
+def _has_segmentation(coco_gt: Any) -> bool:
+    annotations = coco_gt.dataset.get("annotations", [])
+    return all("segmentation" in a for a in annotations)
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: dict[str, Any],
              data_loader: Iterable, base_ds: Any, device: torch.device | str, output_dir: str,
@@ -166,6 +171,10 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     weight_dict = criterion.weight_dict
 
     iou_types = tuple(k for k in ("segm", "bbox") if k in postprocessors)
+    if "segm" in iou_types and base_ds is not None and not _has_segmentation(base_ds):
+        # Panoptic ground truth as COCO boxes (no per-instance masks): masks are scored by PQ.
+        print("segm evaluation skipped: the ground truth has no instance segmentation; see PQ")
+        iou_types = tuple(k for k in iou_types if k != "segm")
     coco_evaluator = CocoEvaluator(base_ds, iou_types, backend=backend) if base_ds is not None and iou_types else None
     panoptic_evaluator = None
     if "panoptic" in postprocessors:

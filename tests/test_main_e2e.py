@@ -171,3 +171,16 @@ def test_masks_run_trains_and_evaluates_segm(tmp_path):
     assert "train_loss_mask" in line and "train_loss_dice" in line
     assert len(line["test_coco_eval_masks"]) == 12 and len(stats["coco_eval_masks"]) == 12
     assert "detr.class_embed.weight" in torch.load(out / "checkpoint.pth", weights_only=False)["model"]
+
+
+def test_panoptic_run_reports_pq(tmp_path):
+    out = tmp_path / "panoptic"
+    stats = main.main(_args("--data_path", str(tmp_path / "shapes"), "--dataset_file", "shapes_panoptic", "--masks",
+                            "--epochs", "1", "--hidden_dim", "128", "--nheads", "8", "--output_dir", str(out)))
+    line = _log(out)[0]
+    for key in ("PQ_all", "PQ_th", "PQ_st"):
+        assert set(line[f"test_{key}"]) == {"pq", "sq", "rq", "n"} and stats[key] == line[f"test_{key}"]
+    # shapes_panoptic: 3 thing and 2 stuff classes
+    assert (line["test_PQ_th"]["n"], line["test_PQ_st"]["n"]) == (3, 2)
+    assert len(line["test_coco_eval_bbox"]) == 12
+    assert (out / "panoptic_eval" / "predictions.json").is_file()
