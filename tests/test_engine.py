@@ -125,3 +125,18 @@ def test_eval_every(tmp_path, every, evaluated):
     assert ["test_coco_eval_bbox" in line for line in lines] == evaluated
     assert (out / "eval" / "latest.pth").exists() == any(evaluated)
     assert not (out / "eval" / "000.pth").exists()  # epoch 0 was never evaluated here
+
+
+def test_progress_lines_show_eta_meters_and_times(capsys):
+    from util.metric_logger import MetricLogger
+
+    logger = MetricLogger()
+    for value in logger.log_every([1.0, 2.0, 3.0, 4.0, 5.0], print_freq=2, header="Epoch: [3]"):
+        logger.update(loss=value)
+    lines = capsys.readouterr().out.splitlines()
+    # printed at iterations 0, 2 and the last (4), then the total
+    assert [line.split("]  [")[1].split("]")[0] for line in lines[:3]] == ["0/5", "2/5", "4/5"]
+    assert all("eta: 0:00:00" in line and "time: " in line and "data: " in line for line in lines[:3])
+    assert "loss: 3.0000 (3.0000)" in lines[2]  # window median (global average)
+    assert lines[3].startswith("Epoch: [3] Total time: ")
+    assert logger.meters["loss"].global_avg == 3.0
