@@ -31,8 +31,7 @@ def _assert_identical(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-# with workers: ~75 s on 2 busy cores, so opt-in (pytest -m slow)
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("workers", [0, 2])
 def test_two_epochs_equal_one_plus_resume_plus_one(tmp_path, workers):
     data = tmp_path / "shapes"
     straight = _train(data, tmp_path / "straight", workers, epochs=2)
