@@ -173,12 +173,13 @@ def ensure_shapes(root: str | Path, train_size: int = 256, val_size: int = 64, i
         for split, size in (("train", train_size), ("val", val_size)):
             _write_split(tmp, split, size, image_size, seed)
         (tmp / "shapes.json").write_text(json.dumps(params))
-        if root.exists():
-            root.rmdir()  # empty (checked above); os.rename needs it gone
         try:
+            if root.exists():
+                root.rmdir()  # empty when checked above; os.rename needs it gone
             os.rename(tmp, root)
         except OSError:
-            # Another process (a second rank) finished first: use its copy if it is the same data.
+            # Another process (a second rank) finished first and filled `root` since the check
+            # above: use its copy if it is the same data.
             if _read_marker(root) != params:
                 raise
     finally:
