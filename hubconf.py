@@ -8,8 +8,6 @@ checked on download, and files are read with weights_only=True (the checkpoint's
 argparse.Namespace allowed), so a replaced file cannot run code. Building never needs the
 ImageNet backbone weights: the released checkpoints hold the whole model.
 """
-import argparse
-
 import torch
 
 from models.backbone import Backbone, Joiner
@@ -17,6 +15,7 @@ from models.detr import DETR, PostProcess
 from models.position_encoding import PositionEmbeddingSine
 from models.segmentation import DETRsegm, PostProcessPanoptic
 from models.transformer import Transformer
+from util.checkpoint import load_checkpoint, load_model_state
 
 dependencies = ["torch", "torchvision"]
 
@@ -45,10 +44,10 @@ def _make_detr(backbone_name: str, dilation: bool = False, num_classes: int = 91
 def _load_release(model: torch.nn.Module, entry: str) -> None:
     """Download (once, into torch.hub.get_dir()) and load the released weights of `entry`."""
     url = RELEASE_URL + CHECKPOINTS[entry]
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
+    # load_checkpoint: weights_only with the allow-list, sha256-prefix check, errors that say what to do
+    checkpoint = load_checkpoint(url)
     state_dict = checkpoint["model"] if "model" in checkpoint else checkpoint
-    model.load_state_dict(state_dict)
+    load_model_state(model, state_dict, f"released checkpoint {url}")
 
 
 def _detection(entry: str, backbone: str, dilation: bool, pretrained: bool, num_classes: int,

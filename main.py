@@ -189,15 +189,22 @@ def _trim_log(output_dir: Path, start_epoch: int) -> None:
 def _eval_payload(coco_evaluator: Any) -> dict[str, Any]:
     """The bbox COCOeval `eval` dict (counts, date, precision, recall, scores) with arrays as
     tensors and params as plain lists, so it loads with weights_only=True."""
+    def plain(value: Any) -> Any:  # numpy scalars inside lists (imgIds, catIds) would need pickling
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, (np.ndarray, np.generic)):
+            return value.tolist()
+        return value
+
     ev = coco_evaluator.coco_eval["bbox"].eval
     out: dict[str, Any] = {}
     for key, value in ev.items():
         if isinstance(value, np.ndarray):
             out[key] = torch.from_numpy(np.ascontiguousarray(value))
         elif key == "params":
-            out[key] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(value).items()}
+            out[key] = {k: plain(v) for k, v in vars(value).items()}
         else:
-            out[key] = value
+            out[key] = plain(value)
     return out
 
 
@@ -271,6 +278,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dataset_val = datasets.build_dataset("val", args)
     args.num_classes = datasets.infer_num_classes(args)
     args.thing_ids = datasets.panoptic_thing_ids(args)
+    category_names = datasets.category_names(args)  # saved in checkpoints for predict.py
 
     # The checkpoint that provides the weights also says whether the backbone has frozen BN.
     resume_ckpt = load_checkpoint(args.resume) if args.resume else None
@@ -371,7 +379,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if output_dir is not None:
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-                          "rng_state": capture_rng_state()}
+                          "rng_state": capture_rng_state(), "category_names": category_names}
             if scaler is not None:
                 checkpoint["scaler"] = scaler.state_dict()
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:

@@ -22,6 +22,7 @@ class DETRsegm(nn.Module):
     def __init__(self, detr: nn.Module, freeze_detr: bool = False):
         super().__init__()
         self.detr = detr
+        self.freeze_detr = freeze_detr
         if freeze_detr:
             for p in self.parameters():
                 p.requires_grad_(False)
@@ -29,6 +30,20 @@ class DETRsegm(nn.Module):
         channels = detr.backbone.num_channels  # layer4; layer3, 2, 1 have 1/2, 1/4, 1/8 of it
         self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [channels // 2, channels // 4, channels // 8], hidden_dim)
+
+    def train(self, mode: bool = True) -> "DETRsegm":
+        """As nn.Module.train, but a frozen box model's BatchNorm layers stay in eval mode.
+
+        The released backbones use FrozenBatchNorm2d, which has no running statistics; a box model
+        trained with trainable BatchNorm (--backbone_weights none) would otherwise keep updating
+        its running mean/var while "frozen". Dropout still follows `mode`, as in the original.
+        """
+        super().train(mode)
+        if self.freeze_detr:
+            for module in self.detr.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def forward(self, samples: NestedTensor):
         if not isinstance(samples, NestedTensor):

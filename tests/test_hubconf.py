@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import hubconf
+from util.checkpoint import CheckpointError
 from models.detr import DETR, PostProcess
 from models.segmentation import DETRsegm, PostProcessPanoptic
 
@@ -59,5 +60,5 @@ def test_pretrained_loads_through_hash_checked_url(tmp_path, monkeypatch):
 def test_wrong_hash_prefix_is_refused(tmp_path, monkeypatch):
     source = hubconf.detr_resnet50(pretrained=False)
     _serve(tmp_path, monkeypatch, "detr-r50-00000000.pth", {"model": source.state_dict()})
-    with pytest.raises(RuntimeError, match="invalid hash value"):
+    with pytest.raises(CheckpointError, match=r"detr-r50-00000000\.pth does not match the sha256 prefix"):
         hubconf.detr_resnet50(pretrained=True)

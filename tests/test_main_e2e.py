@@ -20,6 +20,7 @@ import main
 from engine import evaluate
 from models import build_model
 from util.plot_utils import load_eval
+from util.checkpoint import load_checkpoint
 
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",
         "--nheads", "2", "--enc_layers", "1", "--dec_layers", "1", "--num_queries", "8", "--image_scale", "0.16",
@@ -62,13 +63,14 @@ def test_run_directory_layout(run):
         assert all(k.startswith(("train_", "test_")) or k in ("epoch", "n_parameters") for k in line)
     assert lines[0]["train_lr"] == pytest.approx(1e-4) and lines[1]["train_lr"] == pytest.approx(1e-5)
 
-    checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
+    checkpoint = load_checkpoint(out / "checkpoint.pth")
     assert {"model", "optimizer", "lr_scheduler", "epoch", "args", "rng_state"} <= checkpoint.keys()
     assert checkpoint["epoch"] == 1 and checkpoint["args"].num_classes == checkpoint["model"]["class_embed.bias"].numel() - 1
     assert len(checkpoint["optimizer"]["param_groups"]) == 2
+    assert checkpoint["category_names"] == {1: "circle", 2: "square", 3: "triangle"}  # predict.py labels with these
     groups = checkpoint["optimizer"]["param_groups"]  # non-backbone at --lr, backbone at --lr_backbone, x0.1 twice
     assert (groups[0]["lr"], groups[1]["lr"]) == (pytest.approx(1e-6), pytest.approx(1e-7))
-    assert torch.load(out / "checkpoint0000.pth", weights_only=False)["epoch"] == 0
+    assert load_checkpoint(out / "checkpoint0000.pth")["epoch"] == 0
 
     latest = load_eval(out / "eval" / "latest.pth")
     assert latest["precision"].shape[0] == 10  # the 10 IoU thresholds of COCOeval
@@ -79,13 +81,13 @@ def test_resume_continues_with_optimizer_and_scheduler(run, tmp_path):
     out = tmp_path / "resumed"
     out.mkdir()
     (out / "log.txt").write_text((first / "log.txt").read_text())
-    before = torch.load(first / "checkpoint.pth", weights_only=False)
+    before = load_checkpoint(first / "checkpoint.pth")
     main.main(_args("--data_path", str(tmp / "shapes"), "--epochs", "3", "--lr_drop", "1", "--output_dir", str(out),
                     "--resume", str(first / "checkpoint.pth")))
     lines = _log(out)
     assert [line["epoch"] for line in lines] == [0, 1, 2]
     assert lines[2]["train_lr"] == pytest.approx(1e-6)  # third drop: the scheduler was restored
-    after = torch.load(out / "checkpoint.pth", weights_only=False)
+    after = load_checkpoint(out / "checkpoint.pth")
     assert after["epoch"] == 2
     # AdamW's step counter went on from the checkpoint's (2 iterations per epoch)
     steps_before = next(iter(before["optimizer"]["state"].values()))["step"].item()
@@ -170,7 +172,7 @@ def test_masks_run_trains_and_evaluates_segm(tmp_path):
     line = _log(out)[0]
     assert "train_loss_mask" in line and "train_loss_dice" in line
     assert len(line["test_coco_eval_masks"]) == 12 and len(stats["coco_eval_masks"]) == 12
-    assert "detr.class_embed.weight" in torch.load(out / "checkpoint.pth", weights_only=False)["model"]
+    assert "detr.class_embed.weight" in load_checkpoint(out / "checkpoint.pth")["model"]
 
 
 def test_panoptic_run_reports_pq(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import main
+from util.checkpoint import load_checkpoint
 
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",
         "--nheads", "2", "--enc_layers", "1", "--dec_layers", "1", "--num_queries", "8", "--image_scale", "0.16",
@@ -22,7 +23,7 @@ def _train(data, out, workers, epochs, resume=None):
     if resume:
         flags += ["--resume", str(resume)]
     main.main(main.get_args_parser().parse_args(flags))
-    return torch.load(out / "checkpoint.pth", weights_only=False)
+    return load_checkpoint(out / "checkpoint.pth")
 
 
 def _assert_identical(a, b):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from util.checkpoint import CheckpointError
+from util.checkpoint import load_checkpoint, CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",
@@ -56,7 +56,7 @@ def _logged_epochs(out: Path) -> list[int]:
 
 
 def test_checkpoint_for_another_class_count_through_the_command_line(trained, tmp_path):
-    checkpoint = torch.load(trained / "checkpoint.pth", weights_only=False)
+    checkpoint = load_checkpoint(trained / "checkpoint.pth")
     width = checkpoint["model"]["class_embed.weight"].shape[1]
     checkpoint["model"]["class_embed.weight"] = torch.zeros(92, width)  # as a COCO (91 classes) checkpoint
     checkpoint["model"]["class_embed.bias"] = torch.zeros(92)

@@ -64,3 +64,22 @@ def test_postprocess_segm_equals_batch_recipe():
         assert torch.equal(got["masks"], want)
     with pytest.raises(ValueError, match="differ in length"):
         PostProcessSegm()([{}], outputs, orig[:1], processed)
+
+
+def test_frozen_box_model_with_trainable_batchnorm_keeps_its_statistics():
+    """A box model trained with plain BatchNorm (--backbone_weights none) must not drift in stage two."""
+    torch.manual_seed(0)
+    joiner = Joiner(Backbone("resnet18", True, True, False, trainable_norm=True), PositionEmbeddingSine(64, normalize=True))
+    transformer = Transformer(d_model=128, nhead=8, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64,
+                              dropout=0.1, return_intermediate_dec=True)
+    model = DETRsegm(DETR(joiner, transformer, num_classes=4, num_queries=3), freeze_detr=True)
+    before = {k: v.clone() for k, v in model.detr.state_dict().items()}
+    model.train()
+    assert model.training and model.mask_head.training
+    assert model.detr.transformer.encoder.layers[0].dropout.training  # dropout follows train(), as the original
+    assert not model.detr.backbone[0].body.bn1.training
+    model([torch.randn(3, 64, 96), torch.randn(3, 48, 64)])["pred_masks"].sum().backward()
+    after = model.detr.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "running statistics of the frozen box model moved"
+    unfrozen = DETRsegm(DETR(joiner, transformer, num_classes=4, num_queries=3), freeze_detr=False).train()
+    assert unfrozen.detr.backbone[0].body.bn1.training

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import run_with_submitit
+from util.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -71,7 +72,7 @@ def test_preempted_job_requeues_and_resumes_from_saved_epoch(tmp_path, monkeypat
     assert stdout.count("Start training") == 2  # the first run and the requeued one
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "log.txt").read_text().splitlines()]
     assert epochs == list(range(EPOCHS))
-    final = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    final = load_checkpoint(checkpoint)
     assert final["epoch"] == EPOCHS - 1
     # The requeued run started after the saved epoch, not from scratch.
     assert final["args"].resume == str(checkpoint)

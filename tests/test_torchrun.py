@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from util.checkpoint import load_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 VAL_SIZE = 5
 
@@ -80,7 +82,7 @@ def test_rank0_alone_writes_checkpoint_and_log(torchrun_run):
     lines = (out / "log.txt").read_text().splitlines()
     assert len(lines) == 1, lines  # a second writer would add a second line
     assert json.loads(lines[0])["epoch"] == 0
-    checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(out / "checkpoint.pth")
     assert checkpoint["epoch"] == 0
     assert checkpoint["args"].world_size == 2 and checkpoint["args"].distributed
     # Only rank 0 prints: the start-of-training line appears once in the merged output.
@@ -103,9 +105,8 @@ def test_torch_distributed_launch_use_env_eval_matches(torchrun_run, data, tmp_p
           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "main.py", *_tiny_flags(data),
           "--eval", "--resume", str(out / "checkpoint.pth"), "--output_dir", str(launched)])
     _eval_single_process(data, out / "checkpoint.pth", single)
-    # Files this test just wrote; their params hold numpy scalars, which weights_only refuses.
-    a = torch.load(launched / "eval.pth", weights_only=False)
-    b = torch.load(single / "eval.pth", weights_only=False)
+    a = torch.load(launched / "eval.pth", weights_only=True)  # plain types only, no allow-list
+    b = torch.load(single / "eval.pth", weights_only=True)
     assert list(a["params"]["imgIds"]) == list(b["params"]["imgIds"]) == list(range(1, VAL_SIZE + 1))
     # A tiny model after one epoch scores AP 0, but the score arrays still hold each category's
     # top detection score (at recall 0): the same detections were evaluated.
