@@ -107,6 +107,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val_annotations", type=str, help="custom: validation COCO-format JSON")
     parser.add_argument("--image_scale", default=1.0, type=float,
                         help="multiplies every image size of the augmentation recipe")
+    parser.add_argument("--augment", default="detr", choices=("detr", "flip", "none"),
+                        help="training augmentation: detr = the original's (flip, multi-scale, crop); "
+                             "flip = flip + the val resize; none = the val transform")
 
     parser.add_argument("--output_dir", default="", help="where to save; empty = save nothing")
     parser.add_argument("--device", default="cuda", help="device for training/testing (cuda, cuda:N, cpu)")

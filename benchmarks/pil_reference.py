@@ -14,6 +14,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+import common  # noqa: F401  (puts the repository root on sys.path)
+from datasets.transforms import resized_hw
+
 SCALES = list(range(480, 801, 32))
 MAX_SIZE = 1333
 MEAN = (0.485, 0.456, 0.406)
@@ -26,21 +29,8 @@ def decode(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-def resized_hw(w: int, h: int, size: int, max_size: int | None) -> tuple[int, int]:
-    """(height, width) with the short side at `size`, shrunk so that the long side stays <= max_size."""
-    if max_size is not None:
-        short, long = min(w, h), max(w, h)
-        if long / short * size > max_size:
-            size = int(round(max_size * short / long))
-    if (w <= h and w == size) or (h <= w and h == size):
-        return h, w
-    if w < h:
-        return int(size * h / w), size
-    return size, int(size * w / h)
-
-
 def resize(img: Image.Image, boxes: torch.Tensor, size: int, max_size: int | None):
-    h, w = resized_hw(img.width, img.height, size, max_size)
+    h, w = resized_hw((img.height, img.width), size, max_size)  # the size arithmetic is not what is timed
     scale = torch.tensor([w / img.width, h / img.height, w / img.width, h / img.height])
     return img.resize((w, h), Image.BILINEAR), boxes * scale
 

@@ -25,7 +25,7 @@ import torchvision.io
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
-from datasets.transforms import make_detr_transforms
+from datasets.transforms import transforms_from_args
 
 logger = logging.getLogger(__name__)
 # torchvision 0.29 announces the move of its decoders to TorchCodec on every call; the decoders
@@ -272,5 +272,5 @@ def build(image_set: str, args) -> CocoDetection:
     img_folder, ann_file = folders[image_set]
     num_classes = getattr(args, "num_classes", None) or COCO_NUM_CLASSES
     return CocoDetection(img_folder, ann_file,
-                         transforms=make_detr_transforms(image_set, getattr(args, "image_scale", 1.0)),
+                         transforms=transforms_from_args(image_set, args),
                          return_masks=bool(getattr(args, "masks", False)), num_classes=num_classes)

@@ -22,7 +22,7 @@ import torch
 from pycocotools.coco import COCO
 
 from datasets.coco import decode_image
-from datasets.transforms import make_detr_transforms
+from datasets.transforms import transforms_from_args
 
 COCO_PANOPTIC_NUM_CLASSES = 250
 
@@ -181,6 +181,6 @@ def build(image_set: str, args) -> CocoPanoptic:
                          "(annotations/panoptic_{train,val}2017.json and panoptic_{train,val}2017/)")
     img_folder, png_folder, ann_file = panoptic_paths(image_set, args.coco_path, args.coco_panoptic_path)
     return CocoPanoptic(img_folder, png_folder, ann_file,
-                        transforms=make_detr_transforms(image_set, getattr(args, "image_scale", 1.0)),
+                        transforms=transforms_from_args(image_set, args),
                         return_masks=bool(getattr(args, "masks", True)),
                         num_classes=getattr(args, "num_classes", None) or COCO_PANOPTIC_NUM_CLASSES)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets.coco import CocoDetection, load_coco_api, max_category_id
-from datasets.transforms import make_detr_transforms
+from datasets.transforms import transforms_from_args
 
 
 def split_paths(image_set: str, args) -> tuple[Path, Path]:
@@ -56,6 +56,6 @@ def build(image_set: str, args) -> CocoDetection:
     """CocoDetection over the split's folder and JSON, with the recipe at args.image_scale."""
     images, annotations = split_paths(image_set, args)
     return CocoDetection(images, annotations,
-                         transforms=make_detr_transforms(image_set, getattr(args, "image_scale", 1.0)),
+                         transforms=transforms_from_args(image_set, args),
                          return_masks=bool(getattr(args, "masks", False)),
                          num_classes=getattr(args, "num_classes", None))

@@ -206,11 +206,11 @@ def ensure_from_args(args) -> Path:
 def build(image_set: str, args):
     """`--dataset_file shapes`: COCO detection (instance masks with --masks) over the generated data."""
     from datasets.coco import CocoDetection
-    from datasets.transforms import make_detr_transforms
+    from datasets.transforms import transforms_from_args
 
     root = ensure_from_args(args)
     return CocoDetection(root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json",
-                         transforms=make_detr_transforms(image_set, getattr(args, "image_scale", 1.0)),
+                         transforms=transforms_from_args(image_set, args),
                          return_masks=bool(getattr(args, "masks", False)),
                          num_classes=getattr(args, "num_classes", None))
 
@@ -218,12 +218,12 @@ def build(image_set: str, args):
 def build_panoptic(image_set: str, args):
     """`--dataset_file shapes_panoptic`: panoptic targets (things and stuff) over the generated data."""
     from datasets.coco_panoptic import CocoPanoptic
-    from datasets.transforms import make_detr_transforms
+    from datasets.transforms import transforms_from_args
 
     root = ensure_from_args(args)
     return CocoPanoptic(root / f"{image_set}2017", root / f"panoptic_{image_set}2017",
                         root / "annotations" / f"panoptic_{image_set}2017.json",
-                        transforms=make_detr_transforms(image_set, getattr(args, "image_scale", 1.0)),
+                        transforms=transforms_from_args(image_set, args),
                         return_masks=bool(getattr(args, "masks", True)),
                         num_classes=getattr(args, "num_classes", None))
 

@@ -227,18 +227,27 @@ def scaled(sizes: list[int], image_scale: float) -> list[int]:
     return [max(1, int(round(s * image_scale))) for s in sizes]
 
 
-def make_detr_transforms(image_set: str, image_scale: float = 1.0) -> Compose:
+AUGMENTATIONS = ("detr", "flip", "none")
+
+
+def make_detr_transforms(image_set: str, image_scale: float = 1.0, augment: str = "detr") -> Compose:
     """The original recipe ('train' or 'val'); image_scale multiplies every size in it.
 
     train: flip 0.5, then 50/50 a resize to one of 480..800 step 32 (long side <= 1333), or
     a resize to 400/500/600 + random crop 384..600 + the same multi-scale resize.
     val: short side 800, long side <= 1333. Both end with `Normalize`.
+    augment (train only): 'detr' is the recipe above; 'flip' keeps only the flip and resizes as
+    val does; 'none' is the val transform. The lighter ones exist for tiny datasets and short
+    schedules (the shapes demo, memorisation checks), where crops and multi-scale slow learning.
     """
     if image_scale <= 0:
         raise ValueError(f"image_scale must be > 0, got {image_scale}")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     scales = scaled(list(range(480, 801, 32)), image_scale)
     max_size = scaled([1333], image_scale)[0]
-    if image_set == "train":
+    val_resize = RandomResize(scaled([800], image_scale), max_size=max_size)
+    if image_set == "train" and augment == "detr":
         crop_min, crop_max = scaled([384, 600], image_scale)
         return Compose([
             RandomHorizontalFlip(),
@@ -252,6 +261,13 @@ def make_detr_transforms(image_set: str, image_scale: float = 1.0) -> Compose:
             ),
             Normalize(),
         ])
-    if image_set == "val":
-        return Compose([RandomResize(scaled([800], image_scale), max_size=max_size), Normalize()])
+    if image_set == "train" and augment == "flip":
+        return Compose([RandomHorizontalFlip(), val_resize, Normalize()])
+    if image_set in ("train", "val"):
+        return Compose([val_resize, Normalize()])
     raise ValueError(f"unknown image_set {image_set!r}: expected 'train' or 'val'")
+
+
+def transforms_from_args(image_set: str, args) -> Compose:
+    """make_detr_transforms with --image_scale and --augment (defaults: the original's recipe)."""
+    return make_detr_transforms(image_set, getattr(args, "image_scale", 1.0), getattr(args, "augment", "detr"))

@@ -110,8 +110,9 @@ def test_pil_baseline_recipe_geometry():
     from PIL import Image
 
     # Short side to 800 with the long side capped at 1333: 640x480 -> 1066x800; 480x2000 -> short 320, long 1333.
-    assert pil_reference.resized_hw(640, 480, 800, 1333) == (800, 1066)
-    assert pil_reference.resized_hw(480, 2000, 800, 1333) == (1333, 320)
+    boxes = torch.tensor([[0.0, 0.0, 64.0, 48.0]])
+    assert pil_reference.resize(Image.new("RGB", (640, 480)), boxes, 800, 1333)[0].size == (1066, 800)
+    assert pil_reference.resize(Image.new("RGB", (480, 2000)), boxes, 800, 1333)[0].size == (320, 1333)
     img = Image.new("RGB", (100, 50))
     _, flipped = pil_reference.hflip(img, torch.tensor([[10.0, 5.0, 30.0, 25.0]]))
     assert flipped.tolist() == [[70.0, 5.0, 90.0, 25.0]]

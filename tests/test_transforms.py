@@ -140,6 +140,32 @@ def test_bad_image_set_and_scale_are_refused():
         T.make_detr_transforms("test")
     with pytest.raises(ValueError, match="image_scale"):
         T.make_detr_transforms("train", image_scale=0)
+    with pytest.raises(ValueError, match="augment must be one of"):
+        T.make_detr_transforms("train", augment="crop")
+
+
+def test_lighter_augmentations_resize_as_val_and_flip_or_not():
+    val_image, val_target = T.make_detr_transforms("val", image_scale=0.16)(_image(), _target())
+    assert val_image.shape[-2:] == (128, 192)
+    none_image, none_target = T.make_detr_transforms("train", image_scale=0.16, augment="none")(_image(), _target())
+    assert torch.equal(none_image, val_image) and torch.equal(none_target["boxes"], val_target["boxes"])
+    flip = T.make_detr_transforms("train", image_scale=0.16, augment="flip")
+    flipped = 0
+    for seed in range(8):
+        random.seed(seed)
+        image, target = flip(_image(), _target())
+        assert image.shape == val_image.shape
+        if torch.equal(image, val_image):
+            assert torch.equal(target["boxes"], val_target["boxes"])
+        else:  # mirrored: image columns reversed, cx -> 1 - cx, the rest kept
+            flipped += 1
+            assert torch.equal(image, val_image.flip(-1))
+            expected = val_target["boxes"].clone()
+            expected[:, 0] = 1 - expected[:, 0]
+            assert torch.allclose(target["boxes"], expected, atol=1e-6)
+    assert 0 < flipped < 8
+    # the val transform is the same whatever --augment says
+    assert torch.equal(T.make_detr_transforms("val", 0.16, augment="detr")(_image(), _target())[0], val_image)
 
 
 def _original_draws(hw, scales, max_size):
