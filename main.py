@@ -311,7 +311,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     scaler = make_grad_scaler(args.amp, device)
 
     sampler_train, loader_train, loader_val = _make_loaders(args, dataset_train, dataset_val)
-    base_ds = datasets.get_coco_api_from_dataset(dataset_val)
+    base_ds = datasets.evaluation_ground_truth(args, dataset_val)
 
     if frozen_ckpt is not None:
         load_model_state(model_without_ddp.detr, frozen_ckpt["model"], what=f"checkpoint {args.frozen_weights}")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import torch
+from pycocotools.coco import COCO
 
 from datasets import coco, coco_panoptic, custom, shapes
 
@@ -45,6 +46,24 @@ def get_coco_api_from_dataset(dataset):
     if not hasattr(dataset, "coco"):
         raise TypeError(f"{type(dataset).__name__} has no COCO ground truth (.coco)")
     return dataset.coco
+
+
+def evaluation_ground_truth(args, dataset_val) -> COCO:
+    """The COCO ground truth that box and mask AP are computed against.
+
+    Panoptic kinds score AP against the instance annotations of the same images, as the original
+    did for coco_panoptic (--coco_path's instances_val2017.json), so a --masks run reports segm AP
+    next to PQ. Without that file, the panoptic segments serve as boxes (segm AP is then skipped).
+    """
+    kind = _kind(args)
+    instances = None
+    if kind == "coco_panoptic" and getattr(args, "coco_path", None):
+        instances = Path(args.coco_path) / "annotations" / "instances_val2017.json"
+    elif kind == "shapes_panoptic":
+        instances = shapes.ensure_from_args(args) / "annotations" / "instances_val2017.json"
+    if instances is not None and instances.is_file():
+        return coco.load_coco_api(instances)
+    return get_coco_api_from_dataset(dataset_val)
 
 
 def _shapes_categories(panoptic: bool) -> list[dict]:

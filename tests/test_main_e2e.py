@@ -186,3 +186,31 @@ def test_panoptic_run_reports_pq(tmp_path):
     assert (line["test_PQ_th"]["n"], line["test_PQ_st"]["n"]) == (3, 2)
     assert len(line["test_coco_eval_bbox"]) == 12
     assert (out / "panoptic_eval" / "predictions.json").is_file()
+
+
+def test_two_stage_panoptic_box_model_then_frozen_mask_head(tmp_path):
+    """Stage 1 trains boxes on shapes_panoptic; stage 2 trains only the mask head on the frozen box
+    model; evaluation reports box AP, segm AP (against the instance polygons) and PQ."""
+    data, box_run, segm_run = tmp_path / "shapes", tmp_path / "box", tmp_path / "segm"
+    common = ["--data_path", str(data), "--dataset_file", "shapes_panoptic", "--hidden_dim", "128", "--nheads", "8"]
+    main.main(_args(*common, "--epochs", "1", "--output_dir", str(box_run)))
+    box_model = load_checkpoint(box_run / "checkpoint.pth")["model"]
+
+    main.main(_args(*common, "--masks", "--frozen_weights", str(box_run / "checkpoint.pth"), "--epochs", "2",
+                    "--lr_drop", "1", "--output_dir", str(segm_run)))
+    first, last = (load_checkpoint(segm_run / f"checkpoint000{e}.pth")["model"] for e in (0, 1))
+    for name, tensor in box_model.items():  # every box-model tensor (weights and BN buffers) is untouched
+        assert torch.equal(first[f"detr.{name}"], tensor) and torch.equal(last[f"detr.{name}"], tensor), name
+    head = [k for k in last if not k.startswith("detr.")]
+    assert head and all(k.startswith(("bbox_attention.", "mask_head.")) for k in head)
+    assert any(not torch.equal(first[k], last[k]) for k in head)  # the mask head did train
+
+    lines = _log(segm_run)
+    n_head = sum(last[k].numel() for k in head if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert lines[0]["n_parameters"] == n_head  # only the mask head is trainable
+    for line in lines:
+        assert len(line["test_coco_eval_bbox"]) == 12 and len(line["test_coco_eval_masks"]) == 12
+        assert line["test_PQ_th"]["n"] == 3 and line["test_PQ_st"]["n"] == 2
+    predictions = json.loads((segm_run / "panoptic_eval" / "predictions.json").read_text())
+    pngs = sorted((segm_run / "panoptic_eval").rglob("*.png"))
+    assert len(predictions["annotations"]) == 2 and len(pngs) == 2
