@@ -194,8 +194,12 @@ class Normalize:
         self.mean, self.std = list(mean), list(std)
 
     def __call__(self, image: ImageLike, target: Target | None = None):
-        tensor = F.to_dtype(F.to_image(image), torch.float32, scale=True).as_subclass(torch.Tensor)
-        tensor = F.normalize(tensor, self.mean, self.std)
+        # Decoded and resized images are HWC in memory; one uint8 copy to CHW makes the float
+        # conversion, the in-place normalisation and the batch padding copy run on contiguous memory.
+        # In place only on the fresh float copy: a float32 input would otherwise be overwritten.
+        chw = F.to_image(image).contiguous()
+        tensor = F.to_dtype(chw, torch.float32, scale=True).as_subclass(torch.Tensor)
+        tensor = F.normalize(tensor, self.mean, self.std, inplace=chw.dtype != torch.float32)
         if target is None:
             return tensor, None
         target = dict(target)

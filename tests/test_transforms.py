@@ -83,6 +83,16 @@ def test_normalize_gives_cxcywh_divided_by_image_size():
     assert image.dtype == torch.float32 and torch.isclose(image[0, 0, 0], expected)
 
 
+def test_normalize_of_an_hwc_strided_image_is_contiguous_and_leaves_float_input_alone():
+    hwc = _image().permute(1, 2, 0).contiguous().permute(2, 0, 1)  # how decoded images are laid out
+    image, _ = T.Normalize()(hwc)
+    assert image.is_contiguous() and torch.equal(image, T.Normalize()(_image())[0])
+    floats = _image().float() / 255
+    kept = floats.clone()
+    normalised, _ = T.Normalize()(floats)
+    assert torch.equal(floats, kept) and not torch.equal(normalised, floats)
+
+
 def _smooth_image(h, w):
     coarse = np.random.default_rng(1).integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
     return Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
