@@ -8,7 +8,10 @@ import torch
 import hubconf
 from util.checkpoint import load_checkpoint, load_model_state
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "state_dict"
+# The released layouts, copied from the project's spec (../shared/spec/state_dict) so that a
+# checkout on its own runs these tests; test_copies_equal_the_spec guards the copies.
+SPEC = Path(__file__).resolve().parent / "data" / "state_dict"
+SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "state_dict"
 
 
 def _layout(path: Path) -> list[tuple[str, list[int], str]]:
@@ -25,7 +28,6 @@ def _model_layout(model: torch.nn.Module) -> list[tuple[str, list[int], str]]:
     return [(k, list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()]
 
 
-@pytest.mark.skipif(not SPEC.is_dir(), reason="spec/state_dict not present next to the repository")
 @pytest.mark.parametrize("entry, tsv", [("detr_resnet50", "detr_resnet50.tsv"),
                                         ("detr_resnet101", "detr_resnet101.tsv"),
                                         ("detr_resnet50_panoptic", "detr_resnet50_panoptic.tsv"),
@@ -53,3 +55,11 @@ def test_checkpoint_with_args_and_bn_counters_loads_strictly(tmp_path):
     target.load_state_dict(checkpoint["model"], strict=True)
     assert torch.equal(target.class_embed.weight, source.class_embed.weight)
     assert torch.equal(target.backbone[0].body.layer4[2].bn3.running_var, source.backbone[0].body.layer4[2].bn3.running_var)
+
+
+@pytest.mark.skipif(not SHARED_SPEC.is_dir(), reason="the spec folder is not next to this checkout")
+def test_copies_equal_the_spec():
+    names = sorted(p.name for p in SHARED_SPEC.glob("*.tsv"))
+    assert names == sorted(p.name for p in SPEC.glob("*.tsv"))
+    for name in names:
+        assert (SPEC / name).read_bytes() == (SHARED_SPEC / name).read_bytes(), name
