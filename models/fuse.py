@@ -1,7 +1,7 @@
 """Inference-only speed-ups that keep the numbers (within fp32 rounding).
 
-- `fold_frozen_batchnorm(model)`: each FrozenBatchNorm2d that follows a convolution becomes part
-  of that convolution (scaled weights plus a bias), and the norm becomes an Identity. The
+- `fold_frozen_batchnorm(model)`: each FrozenBatchNorm2d (or eval-mode BatchNorm2d) that follows a
+  convolution becomes part of that convolution (scaled weights plus a bias), and the norm becomes an Identity. The
   model's state_dict changes, so fold after loading weights and do not save or train the result.
 - `to_channels_last(model)`: NHWC weights and inputs for the backbone, which oneDNN / cuDNN run faster.
 Both change `model` in place and return it.
@@ -39,11 +39,20 @@ def _conv_before(parent: nn.Module, bn_name: str) -> str | None:
 
 
 @torch.no_grad()
+def _is_frozen_norm(module: nn.Module) -> bool:
+    """FrozenBatchNorm2d, or a BatchNorm2d in eval mode with running statistics (same arithmetic)."""
+    if isinstance(module, FrozenBatchNorm2d):
+        return True
+    return isinstance(module, nn.BatchNorm2d) and not module.training and module.track_running_stats
+
+
 def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every FrozenBatchNorm2d that directly follows a Conv2d into it; returns `model` (changed in place)."""
+    """Fold every frozen norm (FrozenBatchNorm2d, or BatchNorm2d in eval mode as in a backbone
+    trained with --backbone_weights none) that directly follows a Conv2d into it; returns `model`
+    (changed in place). Call it on a model in eval mode that stays so."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, FrozenBatchNorm2d):
+            if not _is_frozen_norm(child):
                 continue
             conv_name = _conv_before(parent, name)
             if conv_name is None:

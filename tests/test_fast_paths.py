@@ -53,6 +53,23 @@ def test_fast_path_equals_plain(model, images, fast):
     assert _max_diff(plain, quick) < 1e-4
 
 
+def test_eval_mode_batchnorm_of_a_from_scratch_backbone_is_folded_too(images):
+    torch.manual_seed(0)
+    joiner = Joiner(Backbone("resnet18", True, False, False, trainable_norm=True), PositionEmbeddingSine(16, normalize=True))
+    transformer = Transformer(d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64)
+    detr = DETR(joiner, transformer, num_classes=4, num_queries=5)
+    detr.train()
+    with torch.no_grad():
+        detr(images)  # running statistics of real activations
+    training_copy = fold_frozen_batchnorm(copy.deepcopy(detr))  # still training: its BN must stay
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in training_copy.modules()) == 20
+    detr.eval()
+    fast = to_channels_last(fold_frozen_batchnorm(copy.deepcopy(detr)))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    with torch.no_grad():
+        assert _max_diff(detr(images), fast(images)) < 1e-4
+
+
 def test_attention_weights_only_when_asked(model):
     attention = model.transformer.decoder.layers[-1].multihead_attn
     q, kv = torch.randn(5, 2, 32), torch.randn(12, 2, 32)

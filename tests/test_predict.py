@@ -17,7 +17,7 @@ import predict
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",
         "--nheads", "2", "--enc_layers", "1", "--dec_layers", "1", "--num_queries", "10", "--image_scale", "0.16",
         "--num_workers", "0", "--device", "cpu"]
-SPEC = Path("/work/shared/spec/state_dict")
+SPEC = Path(__file__).resolve().parent / "data" / "state_dict"  # the released layouts
 
 
 def _have_model_code() -> bool:
@@ -199,6 +199,24 @@ def test_predict_folder_end_to_end(tmp_path, recwarn):
         biggest = max(mine, key=lambda p: p["bbox"][2] * p["bbox"][3])
         assert _changed_fraction_on_outline(original, drawn, biggest["bbox"]) > 0.5, name
     assert not (out / "pictures" / "pics" / "readme.png").exists()
+
+
+@needs_model
+def test_fused_model_predicts_what_the_plain_model_predicts(tmp_path):
+    """predict.py folds the (eval-mode) BatchNorm into the convolutions and uses channels_last by
+    default; --no_fuse runs the model as built. Same detections up to fp32 rounding."""
+    _tiny_checkpoint(tmp_path / "ckpt.pth")
+    folder = _picture_folder(tmp_path)
+    found = {}
+    for mode, extra in (("fused", []), ("plain", ["--no_fuse"])):
+        predict.main(["--resume", str(tmp_path / "ckpt.pth"), "--img_dirs", str(folder), "--output_dir",
+                      str(tmp_path / mode), "--threshold", "0", "--device", "cpu", *extra])
+        found[mode] = json.loads((tmp_path / mode / "predictions.json").read_text())
+    assert len(found["fused"]) == len(found["plain"]) == 4 * 10
+    for a, b in zip(found["fused"], found["plain"]):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert abs(a["score"] - b["score"]) <= 1e-4
+        assert np.allclose(a["bbox"], b["bbox"], atol=0.02)
 
 
 @needs_model
