@@ -62,9 +62,8 @@ def _eval_single_process(data: Path, checkpoint: Path, output_dir: Path) -> dict
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from datasets.shapes import ensure_shapes
-
-    return ensure_shapes(tmp_path_factory.mktemp("data") / "shapes", 8, VAL_SIZE, 128)
+    """Not generated yet: both torchrun ranks generate it at once, as on a fresh --data_path."""
+    return tmp_path_factory.mktemp("data") / "shapes"
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +86,11 @@ def test_rank0_alone_writes_checkpoint_and_log(torchrun_run):
     assert checkpoint["args"].world_size == 2 and checkpoint["args"].distributed
     # Only rank 0 prints: the start-of-training line appears once in the merged output.
     assert (proc.stdout + proc.stderr).count("Start training") == 1
+
+
+def test_fresh_data_path_generated_once_by_racing_ranks(torchrun_run, data):
+    assert len(list((data / "train2017").glob("*.jpg"))) == 8
+    assert [p.name for p in data.parent.iterdir()] == ["shapes"]  # no temporary folder left behind
 
 
 def test_two_process_eval_equals_single_process(torchrun_run, data, tmp_path):
