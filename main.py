@@ -29,6 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 import datasets
 from engine import AMP_MODES, NonFiniteLossError, autocast_context, evaluate, make_grad_scaler, train_one_epoch
 from models import build_model
+from models.fuse import to_channels_last
 from util import distributed as dist_utils
 from util.checkpoint import (CheckpointError, adapt_for_finetune, capture_rng_state, ensure_writable_dir,
                              load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
@@ -126,6 +127,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", default="off", choices=AMP_MODES,
                         help="autocast dtype for the forward pass (fp16 needs CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for train and eval")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="NHWC convolution weights and backbone input (same numbers to fp32 rounding; "
+                             "1.15x a CPU training step of R50, benchmarks/README.md)")
     parser.add_argument("--print_freq", default=10, type=int)
     parser.add_argument("--tb_freq", default=50, type=int, help="TensorBoard loss every N iterations")
 
@@ -293,6 +297,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     model, criterion, postprocessors = build_model(args)
     model.to(device)
+    if args.channels_last:
+        to_channels_last(model)
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(

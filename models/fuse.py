@@ -1,4 +1,5 @@
-"""Inference-only speed-ups that keep the numbers (within fp32 rounding).
+"""Speed-ups that keep the numbers (within fp32 rounding): BN folding for inference only,
+channels_last for inference and training (main.py --channels_last).
 
 - `fold_frozen_batchnorm(model)`: each FrozenBatchNorm2d (or eval-mode BatchNorm2d) that follows a
   convolution becomes part of that convolution (scaled weights plus a bias), and the norm becomes an Identity. The

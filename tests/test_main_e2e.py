@@ -214,3 +214,16 @@ def test_two_stage_panoptic_box_model_then_frozen_mask_head(tmp_path):
     predictions = json.loads((segm_run / "panoptic_eval" / "predictions.json").read_text())
     pngs = sorted((segm_run / "panoptic_eval").rglob("*.png"))
     assert len(predictions["annotations"]) == 2 and len(pngs) == 2
+
+
+def test_channels_last_training_matches_the_plain_run(tmp_path):
+    runs = {}
+    for name, extra in (("plain", []), ("channels_last", ["--channels_last"])):
+        out = tmp_path / name
+        main.main(_args("--data_path", str(tmp_path / "shapes"), "--epochs", "1", "--output_dir", str(out), *extra))
+        runs[name] = (_log(out)[0], load_checkpoint(out / "checkpoint.pth")["model"])
+    (plain_log, plain), (fast_log, fast) = runs["plain"], runs["channels_last"]
+    assert fast_log["train_loss"] == pytest.approx(plain_log["train_loss"], rel=1e-5)
+    assert fast["backbone.0.body.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+    for name, tensor in plain.items():
+        assert torch.allclose(fast[name].float(), tensor.float(), atol=1e-4), name
