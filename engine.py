@@ -107,7 +107,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         loss_value = sum(float(v) for v in reduced_scaled.values())
 
         if not math.isfinite(loss_value) or not torch.isfinite(losses).all():
-            terms = ", ".join(f"{k}={float(v):.6g}" for k, v in loss_dict.items())
+            terms = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in loss_dict.items())
             raise NonFiniteLossError(
                 f"non-finite loss {loss_value} at epoch {epoch}, iteration {iteration}: {terms}; "
                 f"image ids of the batch: {_image_ids(targets)}. Training stopped before the optimizer "
