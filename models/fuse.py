@@ -39,7 +39,6 @@ def _conv_before(parent: nn.Module, bn_name: str) -> str | None:
     return conv_name if isinstance(getattr(parent, conv_name, None), nn.Conv2d) else None
 
 
-@torch.no_grad()
 def _is_frozen_norm(module: nn.Module) -> bool:
     """FrozenBatchNorm2d, or a BatchNorm2d in eval mode with running statistics (same arithmetic)."""
     if isinstance(module, FrozenBatchNorm2d):
@@ -47,6 +46,7 @@ def _is_frozen_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.BatchNorm2d) and not module.training and module.track_running_stats
 
 
+@torch.no_grad()
 def fold_frozen_batchnorm(model: nn.Module) -> nn.Module:
     """Fold every frozen norm (FrozenBatchNorm2d, or BatchNorm2d in eval mode as in a backbone
     trained with --backbone_weights none) that directly follows a Conv2d into it; returns `model`
