@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 import datasets
+from datasets.transforms import AUGMENTATIONS
 from engine import AMP_MODES, NonFiniteLossError, autocast_context, evaluate, make_grad_scaler, train_one_epoch
 from models import build_model
 from models.fuse import to_channels_last
@@ -108,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val_annotations", type=str, help="custom: validation COCO-format JSON")
     parser.add_argument("--image_scale", default=1.0, type=float,
                         help="multiplies every image size of the augmentation recipe")
-    parser.add_argument("--augment", default="detr", choices=("detr", "flip", "none"),
+    parser.add_argument("--augment", default="detr", choices=AUGMENTATIONS,
                         help="training augmentation: detr = the original's (flip, multi-scale, crop); "
                              "flip = flip + the val resize; none = the val transform")
 
