@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import hubconf
-from util.checkpoint import CheckpointError
 from models.detr import DETR, PostProcess
 from models.segmentation import DETRsegm, PostProcessPanoptic
+from util.checkpoint import CheckpointError
 
 ENTRIES = ["detr_resnet50", "detr_resnet50_dc5", "detr_resnet101", "detr_resnet101_dc5", "detr_resnet50_panoptic",
            "detr_resnet50_dc5_panoptic", "detr_resnet101_panoptic"]

@@ -12,7 +12,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import datasets

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from util.checkpoint import load_checkpoint, CheckpointError
+from util.checkpoint import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",

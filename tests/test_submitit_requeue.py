@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import run_with_submitit
 from util.checkpoint import load_checkpoint
