@@ -72,13 +72,15 @@ def _image_ids(targets: list[dict]) -> list[int]:
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device | str, epoch: int,
                     max_norm: float = 0, *, amp: str = "off", scaler: torch.amp.GradScaler | None = None,
-                    print_freq: int = 10, tb_writer: Any = None, tb_freq: int = 50) -> dict[str, float]:
+                    print_freq: int = 10, tb_writer: Any = None, tb_freq: int = 50,
+                    ema: Any = None) -> dict[str, float]:
     """Train `model` for one pass over `data_loader` ((NestedTensor, targets) batches).
 
     amp: 'off' | 'bf16' | 'fp16' autocast for the forward pass (the loss is computed in fp32);
     scaler: a GradScaler (needed for fp16). max_norm > 0 clips the gradient norm.
     tb_writer (util.tensorboard.TensorboardWriter) receives the loss every `tb_freq` iterations
-    at step epoch * len(data_loader) + iteration.
+    at step epoch * len(data_loader) + iteration. ema (util.ema.ModelEMA) is updated after every
+    optimizer step.
     Returns {stat: epoch average}. Raises NonFiniteLossError (epoch, iteration, each loss term,
     the batch's image ids) before the step that would have used a NaN/inf loss.
     """
@@ -128,6 +130,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             if max_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             optimizer.step()
+        if ema is not None:
+            ema.update()
 
         logger.update(loss=loss_value, **reduced_scaled, **reduced_unscaled)
         if "class_error" in reduced:

@@ -33,7 +33,8 @@ from models import build_model
 from models.fuse import to_channels_last
 from util import distributed as dist_utils
 from util.checkpoint import (CheckpointError, adapt_for_finetune, capture_rng_state, ensure_writable_dir,
-                             load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
+                             fit_group_queries, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
+from util.ema import ModelEMA
 from util.nested_tensor import collate_fn
 from util.tensorboard import TensorboardWriter
 
@@ -50,6 +51,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", default=300, type=int)
     parser.add_argument("--lr_drop", default=200, type=int, help="StepLR step size in epochs (lr x0.1)")
     parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm; 0 disables")
+    parser.add_argument("--ema", default=0.0, type=float,
+                        help="decay of an exponential moving average of the weights (e.g. 0.999; 0 = off): "
+                             "evaluated beside the raw weights (test_ema_* in log.txt) and saved as "
+                             "checkpoint_ema.pth, an ordinary checkpoint")
 
     # Model parameters
     parser.add_argument("--frozen_weights", type=str, default=None,
@@ -72,6 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nheads", default=8, type=int)
     parser.add_argument("--num_queries", default=100, type=int)
     parser.add_argument("--pre_norm", action="store_true")
+    parser.add_argument("--group_detr", default=1, type=int,
+                        help="Group DETR (training only): K groups of --num_queries queries, each matched "
+                             "one-to-one; evaluation and checkpoints' query_embed use group 0 (1 = the original)")
     parser.add_argument("--num_classes", default=None, type=int,
                         help="classes (max category id + 1); default: inferred from the dataset")
     # * Segmentation
@@ -170,6 +178,7 @@ def _load_finetune(model: torch.nn.Module, source: str, checkpoint: dict) -> Non
     # A box checkpoint into a --masks model: the weights belong to the inner detr.
     if hasattr(model, "detr") and not any(k.startswith("detr.") for k in state):
         target = model.detr
+    state = fit_group_queries(target, state, what=f"--finetune {source}")
     try:
         state, reinitialised = adapt_for_finetune(target, state)
     except ValueError as err:
@@ -325,6 +334,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if finetune_ckpt is not None:
         _load_finetune(model_without_ddp, args.finetune, finetune_ckpt)
     if resume_ckpt is not None:
+        resumed_groups = getattr(resume_ckpt.get("args"), "group_detr", 1)
+        if not args.eval and resumed_groups != args.group_detr:
+            raise CheckpointError(f"--resume {args.resume} was trained with --group_detr {resumed_groups}, this run has "
+                                  f"--group_detr {args.group_detr}: resume with --group_detr {resumed_groups}, or "
+                                  "start a new run from its weights with --finetune")
         load_model_state(model_without_ddp, resume_ckpt["model"], what=f"checkpoint {args.resume}")
         if not args.eval and {"optimizer", "lr_scheduler", "epoch"} <= resume_ckpt.keys():
             optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -334,6 +348,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             args.start_epoch = resume_ckpt["epoch"] + 1
             if "rng_state" in resume_ckpt:
                 restore_rng_state(resume_ckpt["rng_state"])
+    ema = ModelEMA(model_without_ddp, args.ema) if args.ema > 0 and not args.eval else None
+    if ema is not None and resume_ckpt is not None and "ema" in resume_ckpt:
+        ema.load_state_dict(resume_ckpt["ema"])
     del resume_ckpt, frozen_ckpt, finetune_ckpt, weights_ckpt
 
     if args.compile:
@@ -360,7 +377,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         _seed_epoch(args, sampler_train, loader_train, epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                       amp=args.amp, scaler=scaler, print_freq=args.print_freq,
-                                      tb_writer=tb_writer, tb_freq=args.tb_freq)
+                                      tb_writer=tb_writer, tb_freq=args.tb_freq, ema=ema)
         lr_scheduler.step()
 
         epoch_test_stats, coco_evaluator = {}, None
@@ -369,6 +386,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             epoch_test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds,
                                                         device, args.output_dir, **eval_kwargs)
             test_stats = epoch_test_stats
+            if ema is not None:
+                ema_stats, _ = evaluate(ema.module, criterion, postprocessors, loader_val, base_ds, device,
+                                        args.output_dir, **eval_kwargs)
+                epoch_test_stats.update({f"ema_{k}": v for k, v in ema_stats.items()})
+                _print_ap(ema_stats, f"EMA weights, epoch {epoch}")
 
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in epoch_test_stats.items()},
@@ -392,6 +414,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                           "rng_state": capture_rng_state(), "category_names": category_names}
             if scaler is not None:
                 checkpoint["scaler"] = scaler.state_dict()
+            if ema is not None:
+                checkpoint["ema"] = ema.state_dict()
+                # The averaged weights alone: what predict.py, hubconf, --eval and export take.
+                save_checkpoint({"model": ema.module.state_dict(), "epoch": epoch, "args": args,
+                                 "category_names": category_names}, output_dir / "checkpoint_ema.pth")
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 save_checkpoint(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
             save_checkpoint(checkpoint, output_dir / "checkpoint.pth")

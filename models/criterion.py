@@ -48,11 +48,21 @@ class SetCriterion(nn.Module):
     num_classes excludes no-object; eos_coef weights the no-object class in the cross-entropy.
     mask_loss_on_padding=True (the original) treats padded target pixels as background; False
     leaves them out of the mask losses.
+
+    group_detr K > 1 (Group DETR): outputs with K*num_queries rows are K groups; each group is
+    matched on its own (every target once per group) and each loss is the mean over the groups:
+    the cross-entropy is averaged over all K*Q queries and the box losses are divided by K*num_boxes,
+    so K groups that predict the same thing give exactly the K=1 loss. cardinality_error is group
+    0's; the mask losses are group 0's (DETRsegm predicts masks for group 0 only). Outputs with
+    num_queries rows (the model in eval mode) are one group.
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], eos_coef: float,
-                 losses: List[str], mask_loss_on_padding: bool = True):
+                 losses: List[str], mask_loss_on_padding: bool = True, num_queries: Optional[int] = None,
+                 group_detr: int = 1):
         super().__init__()
+        if group_detr > 1 and num_queries is None:
+            raise ValueError("SetCriterion: group_detr > 1 needs num_queries (the size of one group)")
         unknown = set(losses) - {"labels", "boxes", "cardinality", "masks"}
         if unknown:
             raise ValueError(f"SetCriterion: unknown losses {sorted(unknown)}")
@@ -62,6 +72,8 @@ class SetCriterion(nn.Module):
         self.eos_coef = eos_coef
         self.losses = losses
         self.mask_loss_on_padding = mask_loss_on_padding
+        self.num_queries = num_queries
+        self.group_detr = group_detr
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -82,8 +94,9 @@ class SetCriterion(nn.Module):
         return losses
 
     @torch.no_grad()
-    def loss_cardinality(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
+    def loss_cardinality(self, outputs, targets, indices, num_boxes, num_groups: int = 1) -> Dict[str, Tensor]:
         logits = outputs["pred_logits"]
+        logits = logits[:, :logits.shape[1] // num_groups]  # group 0: the queries the model keeps at inference
         target_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
         predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
         return {"cardinality_error": F.l1_loss(predicted.float(), target_lengths.float())}
@@ -116,6 +129,39 @@ class SetCriterion(nn.Module):
                "boxes": self.loss_boxes, "masks": self.loss_masks}
         return fns[loss](outputs, targets, indices, num_boxes, **kwargs)
 
+    def num_groups(self, num_rows: int) -> int:
+        """How many query groups outputs with `num_rows` queries hold (1 unless Group DETR training)."""
+        if self.group_detr == 1 or num_rows == self.num_queries:
+            return 1
+        if num_rows == self.group_detr * self.num_queries:
+            return self.group_detr
+        raise ValueError(f"SetCriterion: outputs have {num_rows} queries; expected {self.num_queries} "
+                         f"(one group) or {self.group_detr} x {self.num_queries} (--group_detr {self.group_detr})")
+
+    def _match(self, outputs: Dict, targets: List[Dict[str, Tensor]], num_groups: int) -> List[Tuple[Tensor, Tensor]]:
+        if num_groups == 1:
+            return self.matcher(outputs, targets)
+        return self.matcher(outputs, targets, num_groups=num_groups)
+
+    def _losses(self, outputs: Dict, targets: List[Dict[str, Tensor]], indices: List[Tuple[Tensor, Tensor]],
+                num_boxes: float, num_groups: int, aux: bool) -> Dict[str, Tensor]:
+        losses: Dict[str, Tensor] = {}
+        for loss in self.losses:
+            if loss == "masks":
+                if aux:
+                    continue  # intermediate masks are too costly, as in the original
+                # group 0 alone, normalised by the boxes of one group
+                per_group = outputs["pred_logits"].shape[1] // num_groups
+                group0 = [(src[src < per_group], tgt[src < per_group]) for src, tgt in indices]
+                losses.update(self.loss_masks(outputs, targets, group0, num_boxes / num_groups))
+            elif loss == "labels":
+                losses.update(self.loss_labels(outputs, targets, indices, num_boxes, log=not aux))
+            elif loss == "cardinality":
+                losses.update(self.loss_cardinality(outputs, targets, indices, num_boxes, num_groups=num_groups))
+            else:
+                losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
+        return losses
+
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """outputs of DETR / DETRsegm; targets: labels [N] int64, boxes [N,4] normalised cxcywh, masks [N,H,W]."""
         try:
@@ -125,19 +171,15 @@ class SetCriterion(nn.Module):
                 check_labels(t["labels"], self.num_classes, f"SetCriterion (image {i} of the batch)")
             raise
         main_outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(main_outputs, targets)
-        num_boxes = _num_boxes(targets, outputs["pred_logits"].device)
-        losses: Dict[str, Tensor] = {}
-        for loss in self.losses:
-            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
+        num_groups = self.num_groups(outputs["pred_logits"].shape[1])
+        indices = self._match(main_outputs, targets, num_groups)
+        # Each target is matched once per group: the mean over groups divides by K * num_boxes.
+        num_boxes = _num_boxes(targets, outputs["pred_logits"].device) * num_groups
+        losses = self._losses(outputs, targets, indices, num_boxes, num_groups, aux=False)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            indices = self.matcher(aux, targets)
-            for loss in self.losses:
-                if loss == "masks":
-                    continue  # intermediate masks are too costly, as in the original
-                kwargs = {"log": False} if loss == "labels" else {}
-                l_dict = self.get_loss(loss, aux, targets, indices, num_boxes, **kwargs)
-                losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
+            indices = self._match(aux, targets, num_groups)
+            l_dict = self._losses(aux, targets, indices, num_boxes, num_groups, aux=True)
+            losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
         return losses
 
 

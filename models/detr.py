@@ -1,5 +1,5 @@
 """DETR: backbone -> transformer -> class and box heads; PostProcess to absolute boxes; build(args)."""
-from typing import Dict, List, Union
+from typing import Dict, List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +45,19 @@ class MLP(nn.Module):
 
 class DETR(nn.Module):
     """forward(samples) -> {'pred_logits' [B,Q,num_classes+1], 'pred_boxes' [B,Q,4] normalised cxcywh,
-    'aux_outputs' (with aux_loss): one such dict per earlier decoder layer}."""
+    'aux_outputs' (with aux_loss): one such dict per earlier decoder layer}.
+
+    group_detr K > 1 (Group DETR, training only): K-1 more groups of num_queries queries live in
+    `group_query_embed` [(K-1)*Q, d]. In train mode the decoder runs all K groups (self-attention
+    inside each group) and the outputs have K*Q rows, group g in rows g*Q..(g+1)*Q-1; in eval mode
+    only group 0 (`query_embed`) runs, so the model at inference is the plain DETR.
+    """
 
     def __init__(self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int,
-                 aux_loss: bool = False):
+                 aux_loss: bool = False, group_detr: int = 1):
         super().__init__()
+        if group_detr < 1:
+            raise ValueError(f"--group_detr must be at least 1 (1 = the original DETR), got {group_detr}")
         self.num_queries = num_queries
         self.transformer = transformer
         hidden_dim = transformer.d_model
@@ -59,6 +67,20 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
+        self.group_detr = group_detr
+        if group_detr > 1:
+            # Created last, so every other tensor's initialisation is the same as with K=1.
+            self.group_query_embed = nn.Embedding((group_detr - 1) * num_queries, hidden_dim)
+
+    def query_groups(self) -> Tuple[Tensor, int]:
+        """(queries [G*Q, d], G): every group while training with group_detr > 1, else group 0 alone."""
+        if self.training and self.group_detr > 1:
+            return self._all_groups(), self.group_detr
+        return self.query_embed.weight, 1
+
+    @torch.jit.unused
+    def _all_groups(self) -> Tensor:
+        return torch.cat([self.query_embed.weight, self.group_query_embed.weight])
 
     def forward(self, samples: NestedTensor):
         if not isinstance(samples, NestedTensor):
@@ -66,7 +88,8 @@ class DETR(nn.Module):
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
         assert mask is not None
-        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]
+        queries, num_groups = self.query_groups()
+        hs = self.transformer(self.input_proj(src), mask, queries, pos[-1], num_groups)[0]
         outputs_class = self.class_embed(hs)
         outputs_coord = self.bbox_embed(hs).sigmoid()
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
@@ -139,14 +162,16 @@ def build(args):
     num_classes = _num_classes(args)
     if getattr(args, "frozen_weights", None) is not None and not args.masks:
         raise ValueError("--frozen_weights trains only the mask head: add --masks")
+    group_detr = getattr(args, "group_detr", 1)
     model = DETR(build_backbone(args), build_transformer(args), num_classes=num_classes,
-                 num_queries=args.num_queries, aux_loss=args.aux_loss)
+                 num_queries=args.num_queries, aux_loss=args.aux_loss, group_detr=group_detr)
     if args.masks:
         model = DETRsegm(model, freeze_detr=getattr(args, "frozen_weights", None) is not None)
     losses = ["labels", "boxes", "cardinality"] + (["masks"] if args.masks else [])
     criterion = SetCriterion(num_classes, matcher=build_matcher(args), weight_dict=_weight_dict(args),
                              eos_coef=args.eos_coef, losses=losses,
-                             mask_loss_on_padding=getattr(args, "mask_loss_on_padding", False))
+                             mask_loss_on_padding=getattr(args, "mask_loss_on_padding", False),
+                             num_queries=args.num_queries, group_detr=group_detr)
     criterion.to(torch.device(getattr(args, "device", "cpu")))
     postprocessors = {"bbox": PostProcess()}
     if args.masks:

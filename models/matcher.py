@@ -1,6 +1,7 @@
 """One-to-one assignment of predictions to targets (Hungarian algorithm), per image."""
 from typing import Dict, List, Tuple
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -43,10 +44,14 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
 
     @torch.no_grad()
-    def forward(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
+    def forward(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]],
+                num_groups: int = 1) -> List[Tuple[Tensor, Tensor]]:
         """outputs: pred_logits [B,Q,C+1], pred_boxes [B,Q,4] cxcywh; targets: labels [N], boxes [N,4] cxcywh.
 
         Returns per image (query indices sorted, matching target indices), int64 on the CPU.
+        num_groups K (Group DETR): the Q queries are K consecutive groups of Q/K and each group is
+        matched on its own, so every target gets one query in each group; the query indices run
+        over all Q (group g's are g*Q/K + i) and the target indices repeat once per group.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if len(targets) != logits.shape[0]:
@@ -69,14 +74,24 @@ class HungarianMatcher(nn.Module):
         if not bool(torch.isfinite(flat).all()):
             raise _explain_non_finite(logits, boxes, targets)
         flat = flat.float().cpu()
+        num_queries = logits.shape[1]
+        if num_queries % num_groups != 0:
+            raise ValueError(f"HungarianMatcher: {num_queries} queries do not split into {num_groups} groups")
+        per_group = num_queries // num_groups
         indices = []
         for block in flat.split([b.numel() for b in blocks]):
-            num_targets = block.numel() // logits.shape[1]
+            num_targets = block.numel() // num_queries
             if num_targets == 0:
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            rows, cols = linear_sum_assignment(block.view(logits.shape[1], num_targets).numpy())
+            costs = block.view(num_queries, num_targets).numpy()
+            if num_groups == 1:
+                rows, cols = linear_sum_assignment(costs)
+            else:
+                pairs = [linear_sum_assignment(costs[g * per_group:(g + 1) * per_group]) for g in range(num_groups)]
+                rows = np.concatenate([r + g * per_group for g, (r, _) in enumerate(pairs)])
+                cols = np.concatenate([c for _, c in pairs])
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
 

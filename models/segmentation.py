@@ -53,13 +53,15 @@ class DETRsegm(nn.Module):
         src, mask = features[-1].decompose()
         assert mask is not None
         src_proj = self.detr.input_proj(src)
-        hs, memory = self.detr.transformer(src_proj, mask, self.detr.query_embed.weight, pos[-1])
+        queries, num_groups = self.detr.query_groups()
+        hs, memory = self.detr.transformer(src_proj, mask, queries, pos[-1], num_groups)
         outputs_class = self.detr.class_embed(hs)
         outputs_coord = self.detr.bbox_embed(hs).sigmoid()
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.detr.aux_loss:
             out["aux_outputs"] = self.detr._set_aux_loss(outputs_class, outputs_coord)
-        bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
+        # Masks for group 0 only (Group DETR's extra groups train the box model; see SetCriterion).
+        bbox_mask = self.bbox_attention(hs[-1][:, :self.detr.num_queries], memory, mask=mask)
         seg_masks = self.mask_head(src_proj, bbox_mask, [features[2].tensors, features[1].tensors, features[0].tensors])
         out["pred_masks"] = seg_masks.view(bs, self.detr.num_queries, seg_masks.shape[-2], seg_masks.shape[-1])
         return out

@@ -337,15 +337,43 @@ def _hints(missing: list[str], unexpected: list[str], shapes: dict[str, tuple[li
     return hints
 
 
-def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
-    """Load `state_dict` into `model` strictly; on any difference raise CheckpointError listing it.
+GROUP_QUERIES = "group_query_embed.weight"  # Group DETR's training-only query groups 1..K-1
 
-    `what` names the source in the message (e.g. "checkpoint runs/a/checkpoint.pth"). BatchNorm
-    `num_batches_tracked` counters are the one tolerated difference (absent from some exports,
-    never used by DETR's frozen BatchNorm): missing ones keep the model's value, extra ones are dropped.
+
+def fit_group_queries(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                      what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Reconcile Group DETR's extra query groups between a checkpoint and `model`.
+
+    A checkpoint trained with --group_detr K > 1 holds `group_query_embed.weight` [(K-1)*Q, d]
+    beside the ordinary `query_embed.weight` (group 0, the queries used at inference). A model
+    without groups (hub, predict.py, --eval, export, --finetune without --group_detr) leaves it
+    out, with a one-line note; a model with groups keeps its fresh ones when the checkpoint has
+    none. Everything else is returned unchanged (a K mismatch is then a shape difference).
     """
     expected = model.state_dict()
     sd = dict(state_dict)
+    for key in [k for k in sd if k.endswith(GROUP_QUERIES) and k not in expected]:
+        groups = sd[key].shape[0] // max(1, expected.get(key.replace("group_query_embed", "query_embed"),
+                                                           sd[key]).shape[0]) + 1
+        print(f"{what}: left out {key} (the {groups - 1} training-only query groups of --group_detr {groups}); "
+              "the model uses group 0, query_embed.weight")
+        del sd[key]
+    for key in [k for k in expected if k.endswith(GROUP_QUERIES) and k not in sd]:
+        print(f"{what}: has no {key}; the extra query groups of --group_detr start from their fresh initialisation")
+        sd[key] = expected[key]
+    return sd
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+    """Load `state_dict` into `model` strictly; on any difference raise CheckpointError listing it.
+
+    `what` names the source in the message (e.g. "checkpoint runs/a/checkpoint.pth"). Group DETR's
+    training-only `group_query_embed.weight` is reconciled by fit_group_queries. BatchNorm
+    `num_batches_tracked` counters are the other tolerated difference (absent from some exports,
+    never used by DETR's frozen BatchNorm): missing ones keep the model's value, extra ones are dropped.
+    """
+    expected = model.state_dict()
+    sd = fit_group_queries(model, state_dict, what)
     for key in list(sd):
         if key.endswith("num_batches_tracked") and key not in expected:
             del sd[key]

@@ -11,7 +11,8 @@ import torch
 # Tensors whose first dimension depends on the task, not on the architecture: the class head
 # has num_classes + 1 rows, the query embedding one row per query. Matched on the last two name
 # parts so that a mask model's nested `detr.class_embed.weight` qualifies too.
-_TASK_SHAPED = {("class_embed", "weight"), ("class_embed", "bias"), ("query_embed", "weight")}
+_TASK_SHAPED = {("class_embed", "weight"), ("class_embed", "bias"), ("query_embed", "weight"),
+                ("group_query_embed", "weight")}
 
 
 def _is_task_shaped(name: str, ckpt_shape: torch.Size, model_shape: torch.Size) -> bool:
