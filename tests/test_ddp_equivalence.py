@@ -4,7 +4,8 @@ Dropout 0, frozen BatchNorm (no batch statistics), images of one size (same padd
 targets, and the same number of target boxes on each process (the weighted cross-entropy is
 normalised per process; the box losses by the all-reduced box count). Compared: the loss
 (averaged over processes), every gradient after DDP's averaging, and every weight after the
-AdamW step with the clipping of main.py.
+AdamW step with the clipping of main.py. Run for the original DETR and for Group DETR
+(--group_detr 3: each process matches its own images once per group).
 """
 import argparse
 import os
@@ -27,13 +28,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _args() -> argparse.Namespace:
+def _args(group_detr: int = 1) -> argparse.Namespace:
     import main
 
     flags = ["--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "checkpoint",
              "--hidden_dim", "32", "--dim_feedforward", "64", "--nheads", "2", "--enc_layers", "1",
              "--dec_layers", "2", "--num_queries", "6", "--dropout", "0", "--dataset_file", "shapes",
-             "--num_classes", str(NUM_CLASSES)]
+             "--num_classes", str(NUM_CLASSES), "--group_detr", str(group_detr)]
     args = argparse.ArgumentParser(parents=[main.get_args_parser()]).parse_args(flags)
     args.thing_ids = None
     return args
@@ -81,11 +82,11 @@ def _build(args):
     return model, criterion
 
 
-def _ddp_worker(rank: int, port: int, out_path: str) -> None:
+def _ddp_worker(rank: int, port: int, out_path: str, group_detr: int) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    args = _args()
+    args = _args(group_detr)
     du.init_distributed_mode(args)
     model, criterion = _build(args)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -97,14 +98,16 @@ def _ddp_worker(rank: int, port: int, out_path: str) -> None:
     du.cleanup()
 
 
-@pytest.fixture(scope="module")
-def ddp_and_single(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 3], ids=["detr", "group_detr3"])
+def ddp_and_single(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "rank0.pt"
-    mp.spawn(_ddp_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
-    args = _args()
+    mp.spawn(_ddp_worker, args=(_free_port(), str(out), request.param), nprocs=2, join=True)
+    args = _args(request.param)
     model, criterion = _build(args)
     images, targets = _batch()
-    return torch.load(out, weights_only=True), _step(model, criterion, images, targets, args)
+    single = _step(model, criterion, images, targets, args)
+    single["group_detr"] = request.param
+    return torch.load(out, weights_only=True), single
 
 
 def test_same_loss(ddp_and_single):
@@ -128,15 +131,18 @@ def test_same_updated_weights(ddp_and_single):
     changed = 0
     for name, weight in single["weights"].items():
         torch.testing.assert_close(ddp["weights"][name], weight, rtol=0, atol=1e-5, msg=name)
-        changed += int(not torch.equal(weight, _initial_weights()[name]))
+        changed += int(not torch.equal(weight, _initial_weights(single["group_detr"])[name]))
     assert changed > 10  # the step did move the weights
+    if single["group_detr"] > 1:  # the extra query groups are trained too
+        assert not torch.equal(single["weights"]["group_query_embed.weight"],
+                               _initial_weights(single["group_detr"])["group_query_embed.weight"])
 
 
 _INITIAL: dict = {}
 
 
-def _initial_weights() -> dict:
-    if not _INITIAL:
-        model, _ = _build(_args())
-        _INITIAL.update({n: p.detach().clone() for n, p in model.state_dict().items()})
-    return _INITIAL
+def _initial_weights(group_detr: int) -> dict:
+    if group_detr not in _INITIAL:
+        model, _ = _build(_args(group_detr))
+        _INITIAL[group_detr] = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    return _INITIAL[group_detr]
