@@ -37,8 +37,8 @@ class ModelEMA:
     @torch.no_grad()
     def update(self) -> None:
         """Move the average towards the trained model's current weights (call after optimizer.step())."""
-        self.updates += 1
         d = self.current_decay()
+        self.updates += 1
         for ema_t, t in zip(self.module.state_dict().values(), self.source.state_dict().values()):
             if ema_t.is_floating_point():
                 ema_t.lerp_(t.detach().to(ema_t.dtype), 1.0 - d)
