@@ -33,7 +33,7 @@ from models import build_model
 from models.fuse import to_channels_last
 from util import distributed as dist_utils
 from util.checkpoint import (CheckpointError, adapt_for_finetune, capture_rng_state, ensure_writable_dir,
-                             fit_group_queries, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
+                             fit_training_only, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
 from util.ema import ModelEMA
 from util.nested_tensor import collate_fn
 from util.tensorboard import TensorboardWriter
@@ -80,6 +80,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group_detr", default=1, type=int,
                         help="Group DETR (training only): K groups of --num_queries queries, each matched "
                              "one-to-one; evaluation and checkpoints' query_embed use group 0 (1 = the original)")
+    parser.add_argument("--dense_aux", default=0.0, type=float,
+                        help="weight of a training-only dense one-to-many loss on the encoder tokens "
+                             "(models/dense_aux.py; 0 = off); the head is left out of the inference model")
     parser.add_argument("--num_classes", default=None, type=int,
                         help="classes (max category id + 1); default: inferred from the dataset")
     # * Segmentation
@@ -178,7 +181,7 @@ def _load_finetune(model: torch.nn.Module, source: str, checkpoint: dict) -> Non
     # A box checkpoint into a --masks model: the weights belong to the inner detr.
     if hasattr(model, "detr") and not any(k.startswith("detr.") for k in state):
         target = model.detr
-    state = fit_group_queries(target, state, what=f"--finetune {source}")
+    state = fit_training_only(target, state, what=f"--finetune {source}")
     try:
         state, reinitialised = adapt_for_finetune(target, state)
     except ValueError as err:

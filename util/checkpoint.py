@@ -337,43 +337,55 @@ def _hints(missing: list[str], unexpected: list[str], shapes: dict[str, tuple[li
     return hints
 
 
-GROUP_QUERIES = "group_query_embed.weight"  # Group DETR's training-only query groups 1..K-1
+# Tensors that only training uses, by top-level module name (under `detr.` in a mask model).
+TRAINING_ONLY = {
+    "group_query_embed": "the extra query groups of --group_detr (the model uses group 0, query_embed)",
+    "dense_aux_head": "the dense encoder head of --dense_aux",
+}
 
 
-def fit_group_queries(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+def _training_only_kind(key: str) -> str | None:
+    parts = key.split(".")
+    head = parts[1] if parts[0] == "detr" and len(parts) > 1 else parts[0]
+    return head if head in TRAINING_ONLY else None
+
+
+def fit_training_only(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
                       what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Reconcile Group DETR's extra query groups between a checkpoint and `model`.
+    """Reconcile the training-only tensors (TRAINING_ONLY) between a checkpoint and `model`.
 
-    A checkpoint trained with --group_detr K > 1 holds `group_query_embed.weight` [(K-1)*Q, d]
-    beside the ordinary `query_embed.weight` (group 0, the queries used at inference). A model
-    without groups (hub, predict.py, --eval, export, --finetune without --group_detr) leaves it
-    out, with a one-line note; a model with groups keeps its fresh ones when the checkpoint has
-    none. Everything else is returned unchanged (a K mismatch is then a shape difference).
+    A checkpoint trained with --group_detr K > 1 holds `group_query_embed.weight` [(K-1)*Q, d],
+    one trained with --dense_aux holds `dense_aux_head.*`; neither is used at inference. A model
+    built without them (hub, predict.py, --eval, export, --finetune) leaves them out with a
+    one-line note per kind; a model with them keeps its fresh ones when the checkpoint has none.
+    Everything else is returned unchanged (a K mismatch is then a shape difference).
     """
     expected = model.state_dict()
     sd = dict(state_dict)
-    for key in [k for k in sd if k.endswith(GROUP_QUERIES) and k not in expected]:
-        groups = sd[key].shape[0] // max(1, expected.get(key.replace("group_query_embed", "query_embed"),
-                                                           sd[key]).shape[0]) + 1
-        print(f"{what}: left out {key} (the {groups - 1} training-only query groups of --group_detr {groups}); "
-              "the model uses group 0, query_embed.weight")
+    dropped: dict[str, list[str]] = {}
+    for key in [k for k in sd if k not in expected and _training_only_kind(k)]:
+        dropped.setdefault(_training_only_kind(key), []).append(key)
         del sd[key]
-    for key in [k for k in expected if k.endswith(GROUP_QUERIES) and k not in sd]:
-        print(f"{what}: has no {key}; the extra query groups of --group_detr start from their fresh initialisation")
-        sd[key] = expected[key]
+    for kind, keys in dropped.items():
+        print(f"{what}: left out {', '.join(keys) if len(keys) == 1 else kind + '.*'} ({TRAINING_ONLY[kind]}; "
+              "training only, not part of the inference model)")
+    fresh = [k for k in expected if k not in sd and _training_only_kind(k)]
+    for kind in sorted({_training_only_kind(k) for k in fresh}):
+        print(f"{what}: has no {kind} ({TRAINING_ONLY[kind]}); it starts from its fresh initialisation")
+    sd.update({k: expected[k] for k in fresh})
     return sd
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
     """Load `state_dict` into `model` strictly; on any difference raise CheckpointError listing it.
 
-    `what` names the source in the message (e.g. "checkpoint runs/a/checkpoint.pth"). Group DETR's
-    training-only `group_query_embed.weight` is reconciled by fit_group_queries. BatchNorm
+    `what` names the source in the message (e.g. "checkpoint runs/a/checkpoint.pth"). Training-only
+    tensors (Group DETR's extra queries, the dense head) are reconciled by fit_training_only. BatchNorm
     `num_batches_tracked` counters are the other tolerated difference (absent from some exports,
     never used by DETR's frozen BatchNorm): missing ones keep the model's value, extra ones are dropped.
     """
     expected = model.state_dict()
-    sd = fit_group_queries(model, state_dict, what)
+    sd = fit_training_only(model, state_dict, what)
     for key in list(sd):
         if key.endswith("num_batches_tracked") and key not in expected:
             del sd[key]
