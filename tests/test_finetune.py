@@ -1,7 +1,7 @@
 """--finetune: only the class head and query embedding are re-initialised; anything else is an error.
 
 The R50-scale checks build the official checkpoint's state dict from the contract's layout
-(state_dict/detr_resnet50.tsv, random values, no download) and adapt it to 3 classes / 20
+(tests/data/state_dict/detr_resnet50.tsv, random values, no download) and adapt it to 3 classes / 20
 queries; with models/ present they also adapt it into the real full-size model.
 """
 import argparse
@@ -16,7 +16,8 @@ import torch
 
 from util.finetune import adapt_for_finetune
 
-SPEC = Path("/work/shared/spec/state_dict")
+# The released layouts, kept in the repository (see tests/test_state_dict.py).
+SPEC = Path(__file__).resolve().parent / "data" / "state_dict"
 REINITIALISED = ["class_embed.weight", "class_embed.bias", "query_embed.weight"]
 
 
