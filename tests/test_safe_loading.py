@@ -100,7 +100,7 @@ def test_main_command_line_refuses_with_a_clear_message(tmp_path, shapes_root):
     result = _run(["main.py", *TINY, "--dataset_file", "shapes", "--data_path", str(shapes_root),
                    "--shapes_train_size", "4", "--shapes_val_size", "2", "--epochs", "1",
                    "--output_dir", str(tmp_path / "out"), "--resume", str(path)])
-    assert result.returncode != 0, result.stdout[-2000:]
+    assert result.returncode == 2, result.stdout[-2000:]
     assert REFUSAL in result.stderr and "evil.pth" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not marker.exists()
