@@ -1,5 +1,5 @@
 """The repository stands alone: no tracked file names the folder holding the checkout, the
-user's home directory, or a sibling folder of the development checkout (`../shared`)."""
+user's home directory, or the `shared` folder that sat next to the development checkout."""
 import re
 import subprocess
 from pathlib import Path
@@ -23,7 +23,7 @@ def _forbidden_patterns() -> list[re.Pattern]:
     patterns = [re.compile(re.escape(".." + "/" + "shared"))]
     for folder in {ROOT.parent, Path.home()}:
         if folder != Path(folder.anchor):  # "/" alone would match every path
-            # The folder name as a whole path component: /work matches /work/x but not /workers.
+            # The folder as a whole path component: /a/b matches /a/b/x but not /a/bc.
             patterns.append(re.compile(re.escape(str(folder)) + r"(?![\w.-])"))
     return patterns
 
