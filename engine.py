@@ -21,6 +21,9 @@ from util.distributed import reduce_dict
 from util.metric_logger import MetricLogger, SmoothedValue
 
 AMP_MODES = ("off", "bf16", "fp16")
+# The console progress line's meters (those present); log.txt and the returned stats keep every
+# term (scaled, unscaled, auxiliary), and print_all=True prints them all as the original did.
+PROGRESS_METERS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice", "class_error", "lr")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,14 +76,14 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     optimizer: torch.optim.Optimizer, device: torch.device | str, epoch: int,
                     max_norm: float = 0, *, amp: str = "off", scaler: torch.amp.GradScaler | None = None,
                     print_freq: int = 10, tb_writer: Any = None, tb_freq: int = 50,
-                    ema: Any = None) -> dict[str, float]:
+                    ema: Any = None, print_all: bool = False) -> dict[str, float]:
     """Train `model` for one pass over `data_loader` ((NestedTensor, targets) batches).
 
     amp: 'off' | 'bf16' | 'fp16' autocast for the forward pass (the loss is computed in fp32);
     scaler: a GradScaler (needed for fp16). max_norm > 0 clips the gradient norm.
     tb_writer (util.tensorboard.TensorboardWriter) receives the loss every `tb_freq` iterations
     at step epoch * len(data_loader) + iteration. ema (util.ema.ModelEMA) is updated after every
-    optimizer step.
+    optimizer step. print_all: every loss term on the console progress line, not only PROGRESS_METERS.
     Returns {stat: epoch average}. Raises NonFiniteLossError (epoch, iteration, each loss term,
     the batch's image ids) before the step that would have used a NaN/inf loss.
     """
@@ -94,7 +97,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     weight_dict = criterion.weight_dict
     steps_per_epoch = len(data_loader) if hasattr(data_loader, "__len__") else 0
 
-    for iteration, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, header)):
+    shown = None if print_all else PROGRESS_METERS
+    for iteration, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, header, shown)):
         samples = samples.to(device)
         targets = _targets_to(targets, device)
         with autocast_context(amp, device):
@@ -142,7 +146,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                                   step=epoch * steps_per_epoch + iteration, prefix="iter")
 
     logger.synchronize_between_processes()
-    print("Averaged stats:", logger)
+    print("Averaged stats:", logger.format(shown))
     return {name: meter.global_avg for name, meter in logger.meters.items()}
 
 
@@ -154,8 +158,8 @@ def _has_segmentation(coco_gt: Any) -> bool:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: dict[str, Any],
              data_loader: Iterable, base_ds: Any, device: torch.device | str, output_dir: str,
-             *, amp: str = "off", backend: str = "pycocotools", print_freq: int = 10
-             ) -> tuple[dict[str, Any], Any]:
+             *, amp: str = "off", backend: str = "pycocotools", print_freq: int = 10,
+             print_all: bool = False) -> tuple[dict[str, Any], Any]:
     """Validation losses and COCO / panoptic metrics.
 
     postprocessors: {'bbox': PostProcess, optional 'segm', optional 'panoptic'}; base_ds: the
@@ -186,7 +190,8 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
         panoptic_evaluator = PanopticEvaluator(dataset.ann_file, dataset.ann_folder,
                                                output_dir=os.path.join(output_dir or ".", "panoptic_eval"))
 
-    for samples, targets in logger.log_every(data_loader, print_freq, "Test:"):
+    shown = None if print_all else PROGRESS_METERS
+    for samples, targets in logger.log_every(data_loader, print_freq, "Test:", shown):
         samples = samples.to(device)
         targets = _targets_to(targets, device)
         with autocast_context(amp, device):
@@ -217,7 +222,7 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
             panoptic_evaluator.update(panoptic)
 
     logger.synchronize_between_processes()
-    print("Averaged stats:", logger)
+    print("Averaged stats:", logger.format(shown))
     stats: dict[str, Any] = {name: meter.global_avg for name, meter in logger.meters.items()}
     if coco_evaluator is not None:
         coco_evaluator.synchronize_between_processes()

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,120 +33,138 @@ from models.fuse import to_channels_last
 from util import distributed as dist_utils
 from util.checkpoint import (CheckpointError, adapt_for_finetune, capture_rng_state, ensure_writable_dir,
                              fit_training_only, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
+from util.cli import HelpFormatter, exit_on_user_error
 from util.ema import ModelEMA
 from util.nested_tensor import collate_fn
 from util.tensorboard import TensorboardWriter
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """Every flag of the original main.py (same defaults) plus the project's own; add_help=False
-    so other scripts (run_with_submitit.py, predict.py) can use it as a parent parser."""
+    """Every flag of the original main.py (same defaults) plus the project's own, in the original's
+    groups; add_help=False so other scripts (run_with_submitit.py, predict.py) can use it as a
+    parent parser (the groups carry over)."""
     parser = argparse.ArgumentParser("Set transformer detector", add_help=False)
-    parser.add_argument("--lr", default=1e-4, type=float)
-    parser.add_argument("--lr_backbone", default=1e-5, type=float,
-                        help="backbone learning rate; 0 or less freezes the backbone")
-    parser.add_argument("--batch_size", default=2, type=int, help="images per process")
-    parser.add_argument("--weight_decay", default=1e-4, type=float)
-    parser.add_argument("--epochs", default=300, type=int)
-    parser.add_argument("--lr_drop", default=200, type=int, help="StepLR step size in epochs (lr x0.1)")
-    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm; 0 disables")
-    parser.add_argument("--ema", default=0.0, type=float,
-                        help="decay of an exponential moving average of the weights (e.g. 0.999; 0 = off): "
-                             "evaluated beside the raw weights (test_ema_* in log.txt) and saved as "
-                             "checkpoint_ema.pth, an ordinary checkpoint")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", default=1e-4, type=float, help="AdamW learning rate outside the backbone")
+    optim.add_argument("--lr_backbone", default=1e-5, type=float,
+                       help="backbone learning rate; 0 or less freezes the backbone")
+    optim.add_argument("--batch_size", default=2, type=int, help="images per process")
+    optim.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
+    optim.add_argument("--epochs", default=300, type=int, help="total epochs")
+    optim.add_argument("--lr_drop", default=200, type=int, help="StepLR step size in epochs (lr x0.1)")
+    optim.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm; 0 disables")
 
-    # Model parameters
-    parser.add_argument("--frozen_weights", type=str, default=None,
-                        help="path/URL of a trained box model; only the mask head is trained (needs --masks)")
-    # * Backbone
-    parser.add_argument("--backbone", default="resnet50", type=str, help="torchvision ResNet name")
-    parser.add_argument("--dilation", action="store_true",
-                        help="replace stride by dilation in the last block (DC5)")
-    parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"))
-    parser.add_argument("--backbone_weights", default="imagenet", type=str,
-                        help="'imagenet' (torchvision file in the torch hub cache), 'none' (random init, "
-                             "trainable BatchNorm) or a path; ignored when --resume/--frozen_weights/--finetune "
-                             "provide the weights")
-    # * Transformer
-    parser.add_argument("--enc_layers", default=6, type=int)
-    parser.add_argument("--dec_layers", default=6, type=int)
-    parser.add_argument("--dim_feedforward", default=2048, type=int)
-    parser.add_argument("--hidden_dim", default=256, type=int)
-    parser.add_argument("--dropout", default=0.1, type=float)
-    parser.add_argument("--nheads", default=8, type=int)
-    parser.add_argument("--num_queries", default=100, type=int)
-    parser.add_argument("--pre_norm", action="store_true")
-    parser.add_argument("--group_detr", default=1, type=int,
-                        help="Group DETR (training only): K groups of --num_queries queries, each matched "
-                             "one-to-one; evaluation and checkpoints' query_embed use group 0 (1 = the original)")
-    parser.add_argument("--dense_aux", default=0.0, type=float,
-                        help="weight of a training-only dense one-to-many loss on the encoder tokens "
-                             "(models/dense_aux.py; 0 = off); the head is left out of the inference model")
-    parser.add_argument("--num_classes", default=None, type=int,
-                        help="classes (max category id + 1); default: inferred from the dataset")
-    # * Segmentation
-    parser.add_argument("--masks", action="store_true", help="train the segmentation head")
-    parser.add_argument("--mask_loss_on_padding", action="store_true",
-                        help="count padded pixels in the mask losses (the original's behaviour)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--frozen_weights", type=str, default=None,
+                       help="path/URL of a trained box model; only the mask head is trained (needs --masks)")
+    model.add_argument("--num_classes", default=None, type=int,
+                       help="classes (max category id + 1); inferred from the dataset when not given")
 
-    # Loss
-    parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
-                        help="disable the auxiliary decoding losses")
-    # * Matcher
-    parser.add_argument("--set_cost_class", default=1, type=float)
-    parser.add_argument("--set_cost_bbox", default=5, type=float)
-    parser.add_argument("--set_cost_giou", default=2, type=float)
-    # * Loss coefficients
-    parser.add_argument("--mask_loss_coef", default=1, type=float)
-    parser.add_argument("--dice_loss_coef", default=1, type=float)
-    parser.add_argument("--bbox_loss_coef", default=5, type=float)
-    parser.add_argument("--giou_loss_coef", default=2, type=float)
-    parser.add_argument("--eos_coef", default=0.1, type=float, help="relative weight of the no-object class")
+    backbone = parser.add_argument_group("model: backbone")
+    backbone.add_argument("--backbone", default="resnet50", type=str, help="torchvision ResNet name")
+    backbone.add_argument("--dilation", action="store_true",
+                          help="replace stride by dilation in the last block (DC5)")
+    backbone.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"),
+                          help="positional encoding of the image features")
+    backbone.add_argument("--backbone_weights", default="imagenet", type=str,
+                          help="'imagenet' (torchvision file in the torch hub cache), 'none' (random init, "
+                               "trainable BatchNorm) or a path; ignored when --resume/--frozen_weights/--finetune "
+                               "provide the weights")
 
-    # Dataset parameters
-    parser.add_argument("--dataset_file", default="coco", choices=datasets.DATASET_FILES)
-    parser.add_argument("--coco_path", type=str)
-    parser.add_argument("--coco_panoptic_path", type=str)
-    parser.add_argument("--remove_difficult", action="store_true")
-    parser.add_argument("--data_path", default="data/shapes", type=str,
-                        help="where the shapes data is generated on first use")
-    parser.add_argument("--shapes_train_size", default=256, type=int)
-    parser.add_argument("--shapes_val_size", default=64, type=int)
-    parser.add_argument("--shapes_image_size", default=128, type=int)
-    parser.add_argument("--train_images", type=str, help="custom: training image folder")
-    parser.add_argument("--train_annotations", type=str, help="custom: training COCO-format JSON")
-    parser.add_argument("--val_images", type=str, help="custom: validation image folder")
-    parser.add_argument("--val_annotations", type=str, help="custom: validation COCO-format JSON")
-    parser.add_argument("--image_scale", default=1.0, type=float,
-                        help="multiplies every image size of the augmentation recipe")
-    parser.add_argument("--augment", default="detr", choices=AUGMENTATIONS,
-                        help="training augmentation: detr = the original's (flip, multi-scale, crop); "
-                             "flip = flip + the val resize; none = the val transform")
+    transformer = parser.add_argument_group("model: transformer")
+    transformer.add_argument("--enc_layers", default=6, type=int, help="encoder layers")
+    transformer.add_argument("--dec_layers", default=6, type=int, help="decoder layers")
+    transformer.add_argument("--dim_feedforward", default=2048, type=int, help="width of the feed-forward blocks")
+    transformer.add_argument("--hidden_dim", default=256, type=int, help="transformer width (embedding size)")
+    transformer.add_argument("--dropout", default=0.1, type=float, help="dropout inside the transformer")
+    transformer.add_argument("--nheads", default=8, type=int, help="attention heads")
+    transformer.add_argument("--num_queries", default=100, type=int, help="object queries (most boxes per image)")
+    transformer.add_argument("--pre_norm", action="store_true", help="LayerNorm before attention/FFN, not after")
 
-    parser.add_argument("--output_dir", default="", help="where to save; empty = save nothing")
-    parser.add_argument("--device", default="cuda", help="device for training/testing (cuda, cuda:N, cpu)")
-    parser.add_argument("--seed", default=42, type=int, help="seed; each process adds its rank")
-    parser.add_argument("--resume", default="", help="checkpoint path or https/file URL to resume from")
-    parser.add_argument("--finetune", default="", help="checkpoint path/URL whose weights start a fresh run "
-                        "(epoch 0, new optimizer; class head/queries of another shape re-initialised)")
-    parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
-    parser.add_argument("--eval", action="store_true", help="evaluate only")
-    parser.add_argument("--eval_every", default=1, type=int,
-                        help="evaluate every N epochs during training (and after the last); 0 = never")
-    parser.add_argument("--eval_backend", default="pycocotools", choices=("pycocotools", "faster"))
-    parser.add_argument("--num_workers", default=2, type=int)
-    parser.add_argument("--amp", default="off", choices=AMP_MODES,
-                        help="autocast dtype for the forward pass (fp16 needs CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model for train and eval")
-    parser.add_argument("--channels_last", action="store_true",
-                        help="NHWC convolution weights and backbone input (same numbers to fp32 rounding; "
-                             "1.15x a CPU training step of R50, benchmarks/README.md)")
-    parser.add_argument("--print_freq", default=10, type=int)
-    parser.add_argument("--tb_freq", default=50, type=int, help="TensorBoard loss every N iterations")
+    segm = parser.add_argument_group("model: segmentation")
+    segm.add_argument("--masks", action="store_true", help="train the segmentation head")
+    segm.add_argument("--mask_loss_on_padding", action="store_true",
+                      help="count padded pixels in the mask losses (the original's behaviour)")
 
-    # distributed training parameters
-    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
-    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                      help="disable the auxiliary decoding losses (one per decoder layer)")
+
+    fast = parser.add_argument_group("faster convergence (training only; the inference model is the plain DETR)")
+    fast.add_argument("--group_detr", default=1, type=int,
+                      help="Group DETR: K groups of --num_queries queries, each matched one-to-one, self-attention "
+                           "inside each group; evaluation and inference use group 0 (1 = the original)")
+    fast.add_argument("--dense_aux", default=0.0, type=float,
+                      help="weight of a dense one-to-many loss on the encoder tokens (models/dense_aux.py; 0 = off)")
+    fast.add_argument("--ema", default=0.0, type=float,
+                      help="decay of an exponential moving average of the weights (e.g. 0.999; 0 = off): evaluated "
+                           "beside the raw weights (test_ema_* in log.txt), saved as checkpoint_ema.pth")
+
+    matcher = parser.add_argument_group("matcher (Hungarian matching costs)")
+    matcher.add_argument("--set_cost_class", default=1, type=float, help="weight of the class cost")
+    matcher.add_argument("--set_cost_bbox", default=5, type=float, help="weight of the L1 box cost")
+    matcher.add_argument("--set_cost_giou", default=2, type=float, help="weight of the generalized IoU cost")
+
+    coefs = parser.add_argument_group("loss coefficients")
+    coefs.add_argument("--mask_loss_coef", default=1, type=float, help="weight of the focal mask loss")
+    coefs.add_argument("--dice_loss_coef", default=1, type=float, help="weight of the dice mask loss")
+    coefs.add_argument("--bbox_loss_coef", default=5, type=float, help="weight of the L1 box loss")
+    coefs.add_argument("--giou_loss_coef", default=2, type=float, help="weight of the generalized IoU loss")
+    coefs.add_argument("--eos_coef", default=0.1, type=float, help="relative weight of the no-object class")
+
+    data = parser.add_argument_group("dataset")
+    data.add_argument("--dataset_file", default="coco", choices=datasets.DATASET_FILES,
+                      help="dataset kind; shapes = generated toy data, custom = your COCO-format export")
+    data.add_argument("--coco_path", type=str,
+                      help="coco: root with train2017/, val2017/, annotations/instances_{train,val}2017.json")
+    data.add_argument("--coco_panoptic_path", type=str,
+                      help="coco_panoptic: root with annotations/panoptic_{train,val}2017.json and PNG folders")
+    data.add_argument("--remove_difficult", action="store_true", help="kept for compatibility; has no effect")
+    data.add_argument("--data_path", default="data/shapes", type=str,
+                      help="shapes: where the data is generated on first use")
+    data.add_argument("--shapes_train_size", default=256, type=int, help="shapes: training images")
+    data.add_argument("--shapes_val_size", default=64, type=int, help="shapes: validation images")
+    data.add_argument("--shapes_image_size", default=128, type=int, help="shapes: longer image side in pixels")
+    data.add_argument("--train_images", type=str, help="custom: training image folder")
+    data.add_argument("--train_annotations", type=str, help="custom: training COCO-format JSON")
+    data.add_argument("--val_images", type=str, help="custom: validation image folder")
+    data.add_argument("--val_annotations", type=str, help="custom: validation COCO-format JSON")
+    data.add_argument("--image_scale", default=1.0, type=float,
+                      help="multiplies every image size of the augmentation recipe")
+    data.add_argument("--augment", default="detr", choices=AUGMENTATIONS,
+                      help="training augmentation: detr = the original's (flip, multi-scale, crop); "
+                           "flip = flip + the val resize; none = the val transform")
+    data.add_argument("--num_workers", default=2, type=int, help="DataLoader worker processes")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", default="", help="where to save; empty = save nothing")
+    run.add_argument("--device", default="cuda", help="device for training/testing (cuda, cuda:N, cpu)")
+    run.add_argument("--seed", default=42, type=int, help="seed; each process adds its rank")
+    run.add_argument("--resume", default="", help="checkpoint path or https/file URL to resume from")
+    run.add_argument("--finetune", default="", help="checkpoint path/URL whose weights start a fresh run "
+                     "(epoch 0, new optimizer; class head/queries of another shape re-initialised)")
+    run.add_argument("--start_epoch", default=0, type=int, metavar="N",
+                     help="first epoch (a --resume checkpoint sets it)")
+    run.add_argument("--eval", action="store_true", help="evaluate only")
+    run.add_argument("--eval_every", default=1, type=int,
+                     help="evaluate every N epochs during training (and after the last); 0 = never")
+    run.add_argument("--eval_backend", default="pycocotools", choices=("pycocotools", "faster"),
+                     help="COCO evaluation: pycocotools, or faster-coco-eval (same numbers)")
+    run.add_argument("--amp", default="off", choices=AMP_MODES,
+                     help="autocast dtype for the forward pass (fp16 needs CUDA)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model for train and eval")
+    run.add_argument("--channels_last", action="store_true",
+                     help="NHWC convolution weights and backbone input (same numbers to fp32 rounding; "
+                          "1.15x a CPU training step of R50, benchmarks/README.md)")
+    run.add_argument("--print_freq", default=10, type=int, help="console progress line every N iterations")
+    run.add_argument("--print_all_losses", action="store_true",
+                     help="progress line with every loss term (scaled, unscaled, auxiliary), as the original; "
+                          "log.txt always has them all")
+    run.add_argument("--tb_freq", default=50, type=int, help="TensorBoard loss every N iterations")
+
+    dist = parser.add_argument_group("distributed")
+    dist.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    dist.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
     return parser
 
 
@@ -229,7 +246,10 @@ def _eval_payload(coco_evaluator: Any) -> dict[str, Any]:
 
 
 def _check_device(name: str) -> torch.device:
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N): {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; pass --device cpu")
     return device
@@ -263,6 +283,15 @@ def _seed_epoch(args, sampler_train, loader_train, epoch: int) -> None:
     loader_train.generator.manual_seed(derived_seed(args.seed, args.rank, epoch, 2))
 
 
+def print_flags(args: argparse.Namespace) -> None:
+    """The run's flags, one `name: value` line each, in the parser's order."""
+    values = vars(args)
+    width = max(map(len, values)) + 1
+    print("flags:")
+    for name, value in values.items():
+        print(f"  {name + ':':<{width}} {value}")
+
+
 def _print_ap(stats: dict[str, Any], what: str) -> None:
     if "coco_eval_bbox" in stats:
         ap = stats["coco_eval_bbox"]
@@ -289,7 +318,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and dist_utils.is_main_process():
         ensure_writable_dir(output_dir)
-    print(args)
+    print_flags(args)
 
     seed_all(args.seed + dist_utils.get_rank())
 
@@ -359,7 +388,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.compile:
         model = torch.compile(model)
 
-    eval_kwargs = dict(amp=args.amp, backend=args.eval_backend, print_freq=args.print_freq)
+    eval_kwargs = dict(amp=args.amp, backend=args.eval_backend, print_freq=args.print_freq,
+                       print_all=args.print_all_losses)
     if args.eval:
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
                                               args.output_dir, **eval_kwargs)
@@ -380,7 +410,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         _seed_epoch(args, sampler_train, loader_train, epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                       amp=args.amp, scaler=scaler, print_freq=args.print_freq,
-                                      tb_writer=tb_writer, tb_freq=args.tb_freq, ema=ema)
+                                      tb_writer=tb_writer, tb_freq=args.tb_freq, ema=ema,
+                                      print_all=args.print_all_losses)
         lr_scheduler.step()
 
         epoch_test_stats, coco_evaluator = {}, None
@@ -436,11 +467,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("DETR training and evaluation script", parents=[get_args_parser()])
+    parser = argparse.ArgumentParser(usage="%(prog)s [options]", description="DETR training and evaluation script",
+                                     parents=[get_args_parser()], formatter_class=HelpFormatter)
     cli_args = parser.parse_args()
-    try:
+    with exit_on_user_error(NonFiniteLossError):
         main(cli_args)
-    except (CheckpointError, NonFiniteLossError) as err:
-        # The message names the file/epoch and the fix; a library traceback would bury it.
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)

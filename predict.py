@@ -10,7 +10,8 @@ Writes
 - OUT/images.json: a COCO dataset skeleton (images: id, file_name, width, height; categories:
   id, name; no annotations) that maps the image ids to files.
 - OUT/pictures/<file_name>.png: each picture with boxes, category names and scores drawn (and
-  masks for a --masks model).
+  masks for a --masks model), highest scores on top; pictures whose longer side is under 512 px
+  are drawn enlarged by a whole factor (the JSON boxes stay in the original pixels).
 
 Model-shape flags (--backbone, --enc_layers, --num_queries, --hidden_dim, ...) default to the
 ones saved in the checkpoint (`args`), and the shapes of its weights; flags given on the command
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import json
+import math
 import sys
 import time
 import warnings
@@ -71,15 +73,19 @@ COCO_CATEGORY_NAMES = {
 def get_args_parser() -> argparse.ArgumentParser:
     """main.py's flags plus --img_dirs and --threshold; --device defaults to CUDA when present."""
     import main
+    from util.cli import HelpFormatter
 
-    parser = argparse.ArgumentParser("DETR prediction on a folder of pictures", parents=[main.get_args_parser()])
-    parser.add_argument("--img_dirs", nargs="+", required=True,
-                        help="folders (searched recursively) and/or single picture files")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="keep detections scoring above this (0 keeps every query)")
-    parser.add_argument("--no_fuse", action="store_true",
-                        help="run the model as built: no BatchNorm folding into the convolutions and no "
-                             "channels_last (the fused model's outputs differ by fp32 rounding, ~1e-5)")
+    parser = argparse.ArgumentParser(usage="%(prog)s --resume CKPT --img_dirs DIR [DIR ...] [options]",
+                                     description="DETR prediction on a folder of pictures",
+                                     parents=[main.get_args_parser()], formatter_class=HelpFormatter)
+    prediction = parser.add_argument_group("prediction")
+    prediction.add_argument("--img_dirs", nargs="+", required=True,
+                            help="folders (searched recursively) and/or single picture files")
+    prediction.add_argument("--threshold", type=float, default=0.5,
+                            help="keep detections scoring above this (0 keeps every query)")
+    prediction.add_argument("--no_fuse", action="store_true",
+                            help="run the model as built: no BatchNorm folding into the convolutions and no "
+                                 "channels_last (the fused model's outputs differ by fp32 rounding, ~1e-5)")
     parser.set_defaults(device=None, output_dir="predictions")
     return parser
 
@@ -255,27 +261,65 @@ def colour_for(category_id: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+# Pictures whose longer side is below this are drawn enlarged (by a whole factor), so that boxes
+# and labels stay legible on small inputs (the shapes data is 128 px).
+DRAW_MIN_LONG_SIDE = 512
+
+
+def drawing_scale(size_wh: tuple[int, int]) -> int:
+    """The whole factor by which a picture of `size_wh` is enlarged for drawing (1 when large enough)."""
+    return max(1, math.ceil(DRAW_MIN_LONG_SIDE / max(size_wh)))
+
+
+def place_label(box_xyxy: list[float], label_wh: tuple[int, int], canvas_wh: tuple[int, int]) -> tuple[int, int]:
+    """Top-left corner of a `label_wh` label for a box: on top of the box's top-left corner, inside
+    the box when there is no room above, and moved left/up as needed to lie inside the picture."""
+    (width, height), (canvas_w, canvas_h) = label_wh, canvas_wh
+    x = min(max(0.0, box_xyxy[0]), max(0, canvas_w - width))
+    y = box_xyxy[1] - height if box_xyxy[1] - height >= 0 else box_xyxy[1]
+    y = min(max(0.0, y), max(0, canvas_h - height))
+    return round(x), round(y)
+
+
 def draw_detections(image: PIL.Image.Image, boxes_xyxy: torch.Tensor, labels: list[str], category_ids: list[int],
-                    masks: torch.Tensor | None = None) -> PIL.Image.Image:
-    """A copy of `image` with each mask tinted, each box outlined and its label written above it."""
+                    masks: torch.Tensor | None = None, scores: list[float] | None = None) -> PIL.Image.Image:
+    """A copy of `image` with each mask tinted, each box outlined and its label written at it.
+
+    boxes_xyxy [N, 4] in `image`'s pixels; masks [N, h, w] bool, resized to the image if needed.
+    Boxes then labels are drawn in increasing `scores` order, so the highest-scoring box and label
+    are on top; labels stay inside the picture (`place_label`).
+    """
     canvas = image.convert("RGB")
     if masks is not None and len(masks):
         overlay = canvas.copy()
         for mask, category_id in zip(masks, category_ids):
             solid = PIL.Image.new("RGB", canvas.size, colour_for(category_id))
-            overlay.paste(solid, mask=PIL.Image.fromarray(mask.to(torch.uint8).mul(255).numpy(), mode="L"))
+            stencil = PIL.Image.fromarray(mask.to(torch.uint8).mul(255).numpy(), mode="L")
+            overlay.paste(solid, mask=stencil.resize(canvas.size, PIL.Image.NEAREST))
         canvas = PIL.Image.blend(canvas, overlay, 0.45)
     draw = PIL.ImageDraw.Draw(canvas)
     line = max(1, round(min(canvas.size) / 250))
-    font = PIL.ImageFont.load_default()
-    for box, text, category_id in zip(boxes_xyxy.tolist(), labels, category_ids):
-        colour = colour_for(category_id)
-        draw.rectangle(box, outline=colour, width=line)
-        left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
-        y = box[1] - (bottom - top) - 2 if box[1] - (bottom - top) - 2 >= 0 else box[1]
-        draw.rectangle((left, y, right + 2, y + (bottom - top) + 2), fill=colour)
-        draw.text((box[0] + 1, y), text, fill=(0, 0, 0), font=font)
+    font = PIL.ImageFont.load_default(size=max(11, round(max(canvas.size) / 50)))
+    order = sorted(range(len(labels)), key=lambda i: scores[i]) if scores is not None else range(len(labels))
+    boxes = boxes_xyxy.tolist()
+    for i in order:
+        draw.rectangle(boxes[i], outline=colour_for(category_ids[i]), width=line)
+    for i in order:
+        left, top, right, bottom = draw.textbbox((0, 0), labels[i], font=font)
+        size = (right - left + 4, bottom - top + 4)  # 2 px padding on each side
+        x, y = place_label(boxes[i], size, canvas.size)
+        draw.rectangle((x, y, x + size[0] - 1, y + size[1] - 1), fill=colour_for(category_ids[i]))
+        draw.text((x + 2 - left, y + 2 - top), labels[i], fill=(0, 0, 0), font=font)
     return canvas
+
+
+def draw_enlarged(picture: PIL.Image.Image, boxes_xyxy: torch.Tensor, labels: list[str], category_ids: list[int],
+                  masks: torch.Tensor | None = None, scores: list[float] | None = None) -> PIL.Image.Image:
+    """`draw_detections` on `picture` enlarged by `drawing_scale` (boxes and masks given at its own size)."""
+    factor = drawing_scale(picture.size)
+    if factor > 1:
+        picture = picture.resize((picture.width * factor, picture.height * factor), PIL.Image.BICUBIC)
+    return draw_detections(picture, boxes_xyxy * factor, labels, category_ids, masks, scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +329,10 @@ def draw_detections(image: PIL.Image.Image, boxes_xyxy: torch.Tensor, labels: li
 def resolve_device(requested: str | None) -> torch.device:
     if requested is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError as err:
+        raise SystemExit(f"--device {requested}: not a device name (cpu, cuda, cuda:N): {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
     return device
@@ -328,6 +375,7 @@ def predict(args: argparse.Namespace, checkpoint: dict) -> dict[str, Any]:
     from models.fuse import fold_frozen_batchnorm, to_channels_last
     from util.checkpoint import load_model_state
 
+    files = list_images(args.img_dirs)  # a wrong path is reported before the model is built
     device = resolve_device(args.device)
     args.device = str(device)
     args.backbone_weights = "checkpoint"  # weights come from the checkpoint; nothing to download
@@ -343,7 +391,6 @@ def predict(args: argparse.Namespace, checkpoint: dict) -> dict[str, Any]:
 
     out = Path(args.output_dir)
     (out / "pictures").mkdir(parents=True, exist_ok=True)
-    files = list_images(args.img_dirs)
     images: list[dict] = []
     results: list[dict] = []
     skipped: list[str] = []
@@ -367,8 +414,8 @@ def predict(args: argparse.Namespace, checkpoint: dict) -> dict[str, Any]:
                 labels = [f"{e['category_name']} {e['score']:.2f}" for e in entries]
                 picture_out = (out / "pictures" / name).with_suffix(".png")
                 picture_out.parent.mkdir(parents=True, exist_ok=True)
-                draw_detections(picture, boxes, labels, [e["category_id"] for e in entries],
-                                masks[index] if masks else None).save(picture_out)
+                draw_enlarged(picture, boxes, labels, [e["category_id"] for e in entries],
+                              masks[index] if masks else None, [e["score"] for e in entries]).save(picture_out)
         done += len(chunk)
         elapsed = time.perf_counter() - start
         print(f"[{done}/{len(files)}] {done / max(elapsed, 1e-9):.2f} images/s", flush=True)
@@ -403,4 +450,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from util.cli import exit_on_user_error
+
+    with exit_on_user_error():
+        main()

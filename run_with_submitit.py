@@ -20,27 +20,30 @@ from pathlib import Path
 import submitit
 
 import main as detr
+from util.cli import HelpFormatter, exit_on_user_error
 
 REPO_DIR = Path(__file__).resolve().parent
 JOB_DIR_ENV = "DETR_JOB_DIR"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Submitit for DETR", parents=[detr.get_args_parser()])
-    parser.add_argument("--ngpus", default=8, type=int, help="GPUs (= tasks) per node")
-    parser.add_argument("--nodes", default=4, type=int, help="number of nodes")
-    parser.add_argument("--timeout", default=60, type=int, help="time limit of one job, in minutes")
-    parser.add_argument("--job_dir", default="", type=str,
-                        help="job folder ('%%j' = job id); empty = <--shared_dir or $DETR_JOB_DIR>/%%j")
-    parser.add_argument("--shared_dir", default="", type=str,
-                        help=f"folder shared by all nodes where job folders are made (default ${JOB_DIR_ENV})")
-    parser.add_argument("--partition", default="", type=str, help="Slurm partition (empty: the cluster's default)")
-    parser.add_argument("--use_volta32", action="store_true", help="ask for 32 GB V100s (constraint volta32gb)")
-    parser.add_argument("--comment", default="", type=str, help="Slurm comment (e.g. why the job has priority)")
-    parser.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per task (data loading)")
-    parser.add_argument("--mem_per_gpu", default=40, type=int, help="host memory per GPU, in GB")
-    parser.add_argument("--executor", default="slurm", choices=["slurm", "local"],
-                        help="slurm: submit with sbatch; local: run here with submitit's LocalExecutor (tests)")
+    parser = argparse.ArgumentParser(usage="%(prog)s [options]", description="Submitit for DETR",
+                                     parents=[detr.get_args_parser()], formatter_class=HelpFormatter)
+    slurm = parser.add_argument_group("Slurm job")
+    slurm.add_argument("--ngpus", default=8, type=int, help="GPUs (= tasks) per node")
+    slurm.add_argument("--nodes", default=4, type=int, help="number of nodes")
+    slurm.add_argument("--timeout", default=60, type=int, help="time limit of one job, in minutes")
+    slurm.add_argument("--job_dir", default="", type=str,
+                       help="job folder ('%%j' = job id); empty = <--shared_dir or $DETR_JOB_DIR>/%%j")
+    slurm.add_argument("--shared_dir", default="", type=str,
+                       help=f"folder shared by all nodes where job folders are made; empty: ${JOB_DIR_ENV}")
+    slurm.add_argument("--partition", default="", type=str, help="Slurm partition (empty: the cluster's default)")
+    slurm.add_argument("--use_volta32", action="store_true", help="ask for 32 GB V100s (constraint volta32gb)")
+    slurm.add_argument("--comment", default="", type=str, help="Slurm comment (e.g. why the job has priority)")
+    slurm.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per task (data loading)")
+    slurm.add_argument("--mem_per_gpu", default=40, type=int, help="host memory per GPU, in GB")
+    slurm.add_argument("--executor", default="slurm", choices=["slurm", "local"],
+                       help="slurm: submit with sbatch; local: run here with submitit's LocalExecutor (tests)")
     return parser
 
 
@@ -142,4 +145,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,10 @@ def ensure_shapes(root: str | Path, train_size: int = 256, val_size: int = 64, i
         raise ValueError(
             f"{root} already holds {'shapes data generated with ' + json.dumps(existing) if existing else 'other files'}, "
             f"not the requested {json.dumps(params)}; pass another --data_path or delete {root}")
+    # Minutes at large sizes: say what is happening before the first line of training output.
+    print(f"shapes: generating {train_size} training and {val_size} validation images "
+          f"({image_size} px long side, seed {seed}) in {root.resolve()} (once; later runs reuse it)", flush=True)
+    started = time.perf_counter()
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
@@ -184,6 +189,7 @@ def ensure_shapes(root: str | Path, train_size: int = 256, val_size: int = 64, i
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    print(f"shapes: done in {time.perf_counter() - started:.1f} s", flush=True)
     return root
 
 
@@ -229,16 +235,20 @@ def build_panoptic(image_set: str, args):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Generate the shapes dataset (COCO layout).")
+    parser = argparse.ArgumentParser(description="Generate the shapes dataset (COCO layout).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="data/shapes", help="dataset folder to create")
-    parser.add_argument("--train_size", type=int, default=256)
-    parser.add_argument("--val_size", type=int, default=64)
+    parser.add_argument("--train_size", type=int, default=256, help="training images")
+    parser.add_argument("--val_size", type=int, default=64, help="validation images")
     parser.add_argument("--image_size", type=int, default=128, help="long side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same files)")
     args = parser.parse_args()
     root = ensure_shapes(args.out, args.train_size, args.val_size, args.image_size, args.seed)
     print(f"shapes dataset ready in {root}")
 
 
 if __name__ == "__main__":
-    main()
+    from util.cli import exit_on_user_error
+
+    with exit_on_user_error():
+        main()

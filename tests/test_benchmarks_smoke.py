@@ -3,10 +3,9 @@
 The scripts run as `python benchmarks/bench_x.py --quick --out FILE` would (runpy with
 run_name='__main__', in this process to save the start-up of a new interpreter); the JSON
 is checked for its machine block, positive times, and for the fast modes giving the plain path's
-numbers (fp32 within 1e-4, COCO stats equal). Scripts whose project modules are not there yet are
-skipped with the missing module named.
+numbers (fp32 within 1e-4, COCO stats equal).
 """
-import importlib
+import importlib.util
 import json
 import runpy
 import sys
@@ -40,16 +39,7 @@ def check_common_fields(data: dict) -> dict:
     return data
 
 
-def require(*modules: str) -> None:
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            pytest.skip(f"{name} is not importable yet ({err})")
-
-
 def test_inference_fast_modes_match_plain_path(tmp_path, run_bench):
-    require("models.backbone", "models.detr", "models.position_encoding", "models.transformer", "models.fuse")
     data = run_bench("bench_inference.py", tmp_path / "inf.json", "--warmup", "0", "--repeats", "1", "--bf16",
                      "--batch-sizes", "1,2")
     assert set(data["results"]) == {"batch_1", "batch_2"}
@@ -65,7 +55,6 @@ def test_inference_fast_modes_match_plain_path(tmp_path, run_bench):
 
 
 def test_train_step_modes_match_and_report_memory(tmp_path, run_bench):
-    require("models.backbone", "models.detr", "models.position_encoding", "models.transformer", "models.matcher")
     data = run_bench("bench_train_step.py", tmp_path / "train.json", "--warmup", "0", "--repeats", "1")
     rows = data["results"]
     assert set(rows) == {"eager_fp32", "channels_last", "fold_bn_cl"}
@@ -79,7 +68,6 @@ def test_train_step_modes_match_and_report_memory(tmp_path, run_bench):
 
 
 def test_data_pipeline_both_paths_measured(tmp_path, run_bench):
-    require("datasets.coco", "datasets.transforms", "util.misc")
     data = run_bench("bench_data.py", tmp_path / "data.json")
     for recipe in ("train", "val"):
         rows = data["results"][recipe]

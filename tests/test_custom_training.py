@@ -18,13 +18,6 @@ TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230)]
 
 
-def _have_main() -> bool:
-    return (Path(__file__).resolve().parents[1] / "main.py").is_file()
-
-
-pytestmark = pytest.mark.skipif(not _have_main(), reason="main.py not present yet")
-
-
 def _write_split(folder: Path, json_path: Path, categories: dict[int, str], images: int, seed: int) -> None:
     """`images` pictures of coloured rectangles (one colour per category) and their COCO JSON."""
     folder.mkdir(parents=True)

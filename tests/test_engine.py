@@ -1,7 +1,7 @@
 """engine.train_one_epoch: weighted stats, clipping, the non-finite-loss stop; --eval_every via main.
 
 The loop tests use a two-parameter toy model and criterion so every number is computed by hand;
-the main.py tests need the real models package and skip until it exists.
+the main.py tests run a tiny real model.
 """
 import json
 import math
@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import main
 from engine import NonFiniteLossError, train_one_epoch
 
 
@@ -97,14 +98,6 @@ def test_non_finite_loss_stops_before_the_step_with_details():
 # --eval_every through main.py
 
 
-def _main():
-    try:
-        import main
-    except ImportError as err:
-        pytest.skip(f"main.py cannot be imported yet: {err}")
-    return main
-
-
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",
         "--nheads", "2", "--enc_layers", "1", "--dec_layers", "1", "--num_queries", "8", "--image_scale", "0.16",
         "--num_workers", "0", "--device", "cpu", "--dataset_file", "shapes", "--shapes_train_size", "4",
@@ -114,7 +107,6 @@ TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", 
 # every N: after epochs N-1, 2N-1, ... and after the last; 0: never
 @pytest.mark.parametrize("every, evaluated", [(2, [False, True, True]), (0, [False])])
 def test_eval_every(tmp_path, every, evaluated):
-    main = _main()
     out = tmp_path / "run"
     args = main.get_args_parser().parse_args(
         [*TINY, "--data_path", str(tmp_path / "shapes"), "--epochs", str(len(evaluated)), "--eval_every", str(every),
@@ -140,3 +132,42 @@ def test_progress_lines_show_eta_meters_and_times(capsys):
     assert "loss: 3.0000 (3.0000)" in lines[2]  # window median (global average)
     assert lines[3].startswith("Epoch: [3] Total time: ")
     assert logger.meters["loss"].global_avg == 3.0
+
+
+class AuxCriterion(ToyCriterion):
+    """The real criterion's term names: main terms, an auxiliary copy, class_error."""
+    weight_dict = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_ce_0": 1.0}
+
+    def forward(self, outputs, targets):
+        terms = super().forward(outputs, targets)
+        return {**terms, "loss_giou": terms["loss_bbox"] / 2, "loss_ce_0": terms["loss_ce"] * 2}
+
+
+def _progress_meters(out: str) -> list[list[str]]:
+    """Names on each training progress line ('Epoch: [0]  [i/n]  name: value  ...')."""
+    lines = [line for line in out.splitlines() if line.startswith("Epoch: [0]  [")]
+    return [[part.split(":")[0] for part in line.split("  ")[2:]] for line in lines]
+
+
+def test_console_progress_line_shows_the_main_terms_and_stats_keep_all(capsys):
+    model, criterion = Toy(), AuxCriterion()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    stats = train_one_epoch(model, criterion, _batches([1.0, 2.0]), optimizer, "cpu", epoch=0, print_freq=1)
+    out = capsys.readouterr().out
+    assert _progress_meters(out) == [["eta", "loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "lr",
+                                      "time"]] * 2
+    averaged = next(line for line in out.splitlines() if line.startswith("Averaged stats:"))
+    assert "loss_ce_0" not in averaged and "_unscaled" not in averaged and "loss_giou: " in averaged
+    # what log.txt receives: every term, auxiliary and unscaled included
+    assert {"loss_ce_0", "loss_ce_0_unscaled", "loss_giou_unscaled", "class_error_unscaled"} <= set(stats)
+    # pred = x: ce + 5 bbox + 2 giou + ce_0 = x + 5 x^2 + x^2 + 2 x, at x = 1 and 2
+    assert stats["loss"] == pytest.approx((9 + 30) / 2)
+
+
+def test_print_all_shows_every_term_as_the_original(capsys):
+    model, criterion = Toy(), AuxCriterion()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_one_epoch(model, criterion, _batches([1.0, 2.0]), optimizer, "cpu", epoch=0, print_freq=1, print_all=True)
+    meters = _progress_meters(capsys.readouterr().out)
+    assert len(meters) == 2
+    assert {"loss_ce_0", "loss_ce_0_unscaled", "loss_bbox_unscaled", "data"} <= set(meters[0])

@@ -132,13 +132,7 @@ def _kill_loop(tmp_path: Path, epochs: int, plan: list[str], rng: random.Random)
     return epochs_seen
 
 
-def _need_main() -> None:
-    if not (ROOT / "main.py").is_file():
-        pytest.skip("main.py has not landed yet")
-
-
 def test_kills_during_checkpoint_write_and_training_resume(tmp_path):
-    _need_main()
     rng = random.Random(8)
     seen = _kill_loop(tmp_path, epochs=2, plan=["write", "random"], rng=rng)
     assert seen[0] in (-1, 0)  # killed inside the first write: no checkpoint yet, or the complete epoch 0
@@ -147,7 +141,6 @@ def test_kills_during_checkpoint_write_and_training_resume(tmp_path):
 
 @pytest.mark.slow
 def test_many_random_kills(tmp_path):
-    _need_main()
     seed = int(os.environ.get("KILL_SEED", "20"))
     rng = random.Random(seed)
     plan = [rng.choice(["write", "random"]) for _ in range(12)]

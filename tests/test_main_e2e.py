@@ -1,6 +1,6 @@
 """main.py end to end on the generated shapes data with a tiny model (resnet18, width 32, 1+1 layers).
 
-- training writes the run directory of flags.md (files, JSON keys, checkpointNNNN on lr drops);
+- training writes the original's run directory (files, JSON keys, checkpointNNNN on lr drops);
 - --resume continues at the next epoch with the optimizer and scheduler state;
 - --eval writes eval.pth holding the same numbers as the training run's last evaluation;
 - engine.evaluate's COCO numbers equal pycocotools' COCOeval run directly on the same detections;

@@ -34,11 +34,6 @@ def _malicious_checkpoint(directory: Path, name: str = "evil.pth") -> tuple[Path
     return path, marker
 
 
-def _need(script: str) -> None:
-    if not (ROOT / script).is_file():
-        pytest.skip(f"{script} has not landed yet")
-
-
 def _run(argv: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -88,7 +83,6 @@ def shapes_root(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("flag, extra", [("--resume", []), ("--finetune", []), ("--frozen_weights", ["--masks"])])
 def test_main_refuses(tmp_path, shapes_root, flag, extra):
-    _need("main.py")
     import main
 
     path, marker = _malicious_checkpoint(tmp_path)
@@ -102,19 +96,17 @@ def test_main_refuses(tmp_path, shapes_root, flag, extra):
 
 
 def test_main_command_line_refuses_with_a_clear_message(tmp_path, shapes_root):
-    _need("main.py")
     path, marker = _malicious_checkpoint(tmp_path)
     result = _run(["main.py", *TINY, "--dataset_file", "shapes", "--data_path", str(shapes_root),
                    "--shapes_train_size", "4", "--shapes_val_size", "2", "--epochs", "1",
                    "--output_dir", str(tmp_path / "out"), "--resume", str(path)])
-    assert result.returncode != 0, result.stdout[-2000:]
+    assert result.returncode == 2, result.stdout[-2000:]
     assert REFUSAL in result.stderr and "evil.pth" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not marker.exists()
 
 
 def test_predict_refuses(tmp_path):
-    _need("predict.py")
     import predict
     from PIL import Image
 
@@ -129,7 +121,6 @@ def test_predict_refuses(tmp_path):
 
 
 def _hubconf():
-    _need("hubconf.py")
     import hubconf
 
     return hubconf

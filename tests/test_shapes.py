@@ -152,3 +152,13 @@ def test_class_facts_need_no_generated_data(tmp_path):
     args.dataset_file = "shapes_panoptic"
     assert category_names(args)[5] == "ground" and panoptic_thing_ids(args) == [1, 2, 3]
     assert not (tmp_path / "absent").exists()
+
+
+def test_generation_says_what_and_where_once(tmp_path, capsys):
+    shapes.ensure_shapes(tmp_path / "said", train_size=2, val_size=1, image_size=32)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"shapes: generating 2 training and 1 validation images (32 px long side, seed 0) in "
+                        f"{(tmp_path / 'said').resolve()} (once; later runs reuse it)")
+    assert lines[1].startswith("shapes: done in ") and len(lines) == 2
+    shapes.ensure_shapes(tmp_path / "said", train_size=2, val_size=1, image_size=32)
+    assert capsys.readouterr().out == ""  # reused silently

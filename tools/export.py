@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from util.cli import HelpFormatter, exit_on_user_error  # noqa: E402
 from util.nested_tensor import nested_tensor_from_tensor_list  # noqa: E402
 
 
@@ -53,9 +54,12 @@ def main() -> None:
     from models import build_model
     from util.checkpoint import load_checkpoint, load_model_state
 
-    parser = argparse.ArgumentParser("DETR export", parents=[detr_main.get_args_parser()])
-    parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    parser.add_argument("--out", required=True, help="output file (.onnx or .pt)")
+    parser = argparse.ArgumentParser(usage="%(prog)s --resume CKPT --out FILE [options]", description="DETR export",
+                                     parents=[detr_main.get_args_parser()], formatter_class=HelpFormatter)
+    export = parser.add_argument_group("export")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx",
+                        help="onnx: detection models, free image size; torchscript: any model")
+    export.add_argument("--out", required=True, help="output file (.onnx or .pt)")
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     # A model trained with --backbone_weights none has trainable BatchNorm; build it the same way.
@@ -76,4 +80,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from util.cli import HelpFormatter, exit_on_user_error  # noqa: E402
 from util.tensorboard import TensorboardWriter  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def convert(log_file: str | Path, out_dir: str | Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("log", help="run directory (with log.txt) or a log.txt file")
     parser.add_argument("--out", default=None, help="event file folder (default: RUN_DIR/tensorboard)")
     args = parser.parse_args(argv)
@@ -57,4 +58,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from util.cli import HelpFormatter, exit_on_user_error  # noqa: E402
 from util.plot_utils import plot_logs, plot_precision_recall  # noqa: E402
 
 
@@ -34,10 +35,12 @@ def plot_run(run_dirs: list[Path], out_dir: Path, fields: list[str], ewm: float 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (--output_dir of main.py)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: RUN_DIR/plots)")
-    parser.add_argument("--fields", nargs="+", default=["class_error", "loss_bbox_unscaled", "mAP"])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the PNGs (default: the first RUN_DIR/plots)")
+    parser.add_argument("--fields", nargs="+", default=["class_error", "loss_bbox_unscaled", "mAP"],
+                        help="log.txt stats to plot (train and test curves each; mAP = COCO AP)")
     parser.add_argument("--ewm", type=float, default=0, help="smoothing: pandas ewm centre of mass (0 = none)")
     args = parser.parse_args(argv)
     for path in plot_run(args.runs, args.out or args.runs[0] / "plots", args.fields, args.ewm):
@@ -45,4 +48,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

@@ -30,17 +30,21 @@ from matplotlib import colormaps  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import predict  # noqa: E402
+from util.cli import HelpFormatter, exit_on_user_error  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     import main
 
-    parser = argparse.ArgumentParser("DETR decoder attention maps", parents=[main.get_args_parser()])
-    parser.add_argument("--image", required=True, help="the picture to look at")
-    parser.add_argument("--out", default="attention.png", help="PNG file to write")
-    parser.add_argument("--threshold", type=float, default=0.7, help="detections scoring above this are shown")
-    parser.add_argument("--top_k", type=int, default=6, help="at most this many detections (best first)")
-    parser.add_argument("--max_side", type=int, default=480, help="long side of each panel, in pixels")
+    parser = argparse.ArgumentParser(usage="%(prog)s --resume CKPT --image PICTURE [options]",
+                                     description="DETR decoder attention maps",
+                                     parents=[main.get_args_parser()], formatter_class=HelpFormatter)
+    view = parser.add_argument_group("attention maps")
+    view.add_argument("--image", required=True, help="the picture to look at")
+    view.add_argument("--out", default="attention.png", help="PNG file to write")
+    view.add_argument("--threshold", type=float, default=0.7, help="detections scoring above this are shown")
+    view.add_argument("--top_k", type=int, default=6, help="at most this many detections (best first)")
+    view.add_argument("--max_side", type=int, default=480, help="long side of each panel, in pixels")
     parser.set_defaults(device=None)
     return parser
 
@@ -103,13 +107,14 @@ def _heat(attention: torch.Tensor, size_wh: tuple[int, int]) -> np.ndarray:
 
 
 def render(picture: PIL.Image.Image, boxes_xyxy: torch.Tensor, labels: list[str], category_ids: list[int],
-           attention: torch.Tensor, max_side: int) -> PIL.Image.Image:
-    """The row of panels described in the module doc; `boxes_xyxy` in `picture`'s pixels."""
+           attention: torch.Tensor, max_side: int, scores: list[float] | None = None) -> PIL.Image.Image:
+    """The row of panels described in the module doc; `boxes_xyxy` in `picture`'s pixels; with
+    `scores`, the first panel draws the highest-scoring box and label on top."""
     scale = min(1.0, max_side / max(picture.size))
     size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
     base = picture.resize(size, PIL.Image.BILINEAR)
     boxes = boxes_xyxy * scale
-    panels = [predict.draw_detections(base, boxes, labels, category_ids)]
+    panels = [predict.draw_detections(base, boxes, labels, category_ids, scores=scores)]
     for index in range(len(labels)):
         heat = PIL.Image.fromarray(_heat(attention[index], size))
         blended = PIL.Image.blend(base, heat, 0.6)
@@ -160,10 +165,10 @@ def main(argv: list[str] | None = None) -> Path:
     chosen = above if len(above) else order[:1]
     if not len(above):
         print(f"no detection above --threshold {args.threshold}; showing the best one")
-    ids = found["labels"][chosen].tolist()
-    labels = [f"{names.get(i, str(i))} {s:.2f}" for i, s in zip(ids, found["scores"][chosen].tolist())]
+    ids, scores = found["labels"][chosen].tolist(), found["scores"][chosen].tolist()
+    labels = [f"{names.get(i, str(i))} {s:.2f}" for i, s in zip(ids, scores)]
     row = render(picture, found["boxes"][chosen].cpu(), labels, ids,
-                 attention[found["queries"][chosen]].cpu(), args.max_side)
+                 attention[found["queries"][chosen]].cpu(), args.max_side, scores=scores)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     row.save(out)
@@ -172,4 +177,5 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

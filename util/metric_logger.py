@@ -1,9 +1,9 @@
 """Progress logging for the training and evaluation loops.
 
 - `SmoothedValue`: a series of numbers with a windowed median/average and a global average.
-- `MetricLogger`: a dict of SmoothedValues; `log_every(iterable, print_freq, header)` yields the
-  items and prints a line every `print_freq` iterations with the ETA, the meters, the iteration
-  and data-loading times (and peak CUDA memory when on a GPU).
+- `MetricLogger`: a dict of SmoothedValues; `log_every(iterable, print_freq, header, shown)` yields
+  the items and prints a line every `print_freq` iterations with the ETA, the meters (all, or the
+  `shown` ones), the iteration and data-loading times (and peak CUDA memory when on a GPU).
 - `accuracy(output, target, topk)`: top-k accuracy in percent (the criterion's class_error).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import time
 from collections import defaultdict, deque
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -100,17 +100,24 @@ class MetricLogger:
         raise AttributeError(f"{type(self).__name__} has no attribute or meter {name!r}")
 
     def __str__(self) -> str:
-        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+        return self.format()
+
+    def format(self, shown: Sequence[str] | None = None) -> str:
+        """`name: value` of every meter, or of the `shown` names that exist, in `shown`'s order."""
+        names = list(self.meters) if shown is None else [n for n in shown if n in self.meters]
+        return self.delimiter.join(f"{name}: {self.meters[name]}" for name in names)
 
     def synchronize_between_processes(self) -> None:
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
-    def log_every(self, iterable: Iterable, print_freq: int, header: str = "") -> Iterator:
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "",
+                  shown: Sequence[str] | None = None) -> Iterator:
         """Yield the items of `iterable`, printing progress every `print_freq` items and at the end.
 
         The printed line: header, [i/total], eta, meters, time (per iteration), data (waiting for
-        the loader), max mem (MB, CUDA only); then a total-time line.
+        the loader), max mem (MB, CUDA only); then a total-time line. With `shown`, only those
+        meters (see `format`) and no data time: a line a person reads at a glance.
         """
         total = len(iterable) if hasattr(iterable, "__len__") else None
         width = len(str(total)) if total else 1
@@ -128,7 +135,9 @@ class MetricLogger:
                 if total is not None:
                     eta = iter_time.global_avg * (total - i - 1)
                     parts.append(f"eta: {datetime.timedelta(seconds=int(eta))}")
-                parts += [str(self), f"time: {iter_time}", f"data: {data_time}"]
+                parts += [self.format(shown), f"time: {iter_time}"]
+                if shown is None:
+                    parts.append(f"data: {data_time}")
                 if torch.cuda.is_available() and torch.cuda.is_initialized():
                     parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
                 print(self.delimiter.join(p for p in parts if p), flush=True)
