@@ -32,8 +32,9 @@ from engine import AMP_MODES, NonFiniteLossError, autocast_context, evaluate, ma
 from models import build_model
 from models.fuse import to_channels_last
 from util import distributed as dist_utils
-from util.checkpoint import (CheckpointError, adapt_for_finetune, capture_rng_state, ensure_writable_dir,
-                             load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
+from util.checkpoint import (RESUME_AUTO, CheckpointError, adapt_for_finetune, capture_rng_state,
+                             ensure_writable_dir, load_checkpoint, load_model_state, restore_rng_state,
+                             resume_source, save_checkpoint)
 from util.nested_tensor import collate_fn
 from util.tensorboard import TensorboardWriter
 
@@ -116,7 +117,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="", help="where to save; empty = save nothing")
     parser.add_argument("--device", default="cuda", help="device for training/testing (cuda, cuda:N, cpu)")
     parser.add_argument("--seed", default=42, type=int, help="seed; each process adds its rank")
-    parser.add_argument("--resume", default="", help="checkpoint path or https/file URL to resume from")
+    parser.add_argument("--resume", default="", help="checkpoint path or https/file URL to resume from; 'auto': "
+                        "--output_dir's checkpoint.pth if there is one, else start fresh")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fresh run even if --output_dir holds a checkpoint (refused without it)")
     parser.add_argument("--finetune", default="", help="checkpoint path/URL whose weights start a fresh run "
                         "(epoch 0, new optimizer; class head/queries of another shape re-initialised)")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
@@ -192,6 +196,23 @@ def _trim_log(output_dir: Path, start_epoch: int) -> None:
         tmp = log.with_name(".log.txt.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(log)
+
+
+def _resolve_resume(args, output_dir: Path | None) -> str:
+    """util.checkpoint.resume_source decided by rank 0 for every process, so all ranks resume
+    from the same epoch (or all refuse) even if they saw the folder at different moments."""
+    decision = ("", "")
+    if dist_utils.is_main_process():
+        try:
+            decision = (resume_source(args.resume, output_dir, overwrite=args.overwrite, training=not args.eval), "")
+        except CheckpointError as err:
+            decision = ("", str(err))
+    resume, error = dist_utils.all_gather(decision)[0]
+    if error:
+        raise CheckpointError(error)
+    if args.resume == RESUME_AUTO:
+        print(f"--resume auto: {'resuming from ' + resume if resume else 'no checkpoint in --output_dir, starting fresh'}")
+    return resume
 
 
 def _eval_payload(coco_evaluator: Any) -> dict[str, Any]:
@@ -277,6 +298,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and dist_utils.is_main_process():
         ensure_writable_dir(output_dir)
+    args.resume = _resolve_resume(args, output_dir)
     print(args)
 
     seed_all(args.seed + dist_utils.get_rank())
