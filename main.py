@@ -3,7 +3,8 @@
 Run directory (--output_dir), as the original: checkpoint.pth every epoch, checkpointNNNN.pth
 when (epoch + 1) is a multiple of --lr_drop or 100, log.txt (one JSON line per epoch),
 eval/latest.pth and eval/NNN.pth (epoch % 50 == 0); eval.pth with --eval; plus TensorBoard
-scalars in tensorboard/.
+scalars in tensorboard/, and checkpoint_best.pth, rewritten when an evaluation beats every
+earlier one of the run (val box AP, PQ for panoptic; log.txt's best_metric/best_value/best_epoch).
 
 Exact resume: at the start of every epoch the Python, NumPy and torch generators are reseeded
 from (seed, rank, epoch), the sampler's generator from (seed, epoch) and the DataLoader's worker
@@ -272,6 +273,15 @@ def _seed_epoch(args, sampler_train, loader_train, epoch: int) -> None:
     loader_train.generator.manual_seed(derived_seed(args.seed, args.rank, epoch, 2))
 
 
+def _selection_metric(stats: dict[str, Any]) -> tuple[str, float] | None:
+    """(name, value) that checkpoint_best.pth is chosen by: PQ for panoptic runs, else box AP."""
+    if "PQ_all" in stats:
+        return "PQ", float(stats["PQ_all"]["pq"])
+    if "coco_eval_bbox" in stats:
+        return "bbox AP", float(stats["coco_eval_bbox"][0])
+    return None
+
+
 def _print_ap(stats: dict[str, Any], what: str) -> None:
     if "coco_eval_bbox" in stats:
         ap = stats["coco_eval_bbox"]
@@ -346,6 +356,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         load_model_state(model_without_ddp.detr, frozen_ckpt["model"], what=f"checkpoint {args.frozen_weights}")
     if finetune_ckpt is not None:
         _load_finetune(model_without_ddp, args.finetune, finetune_ckpt)
+    best: dict[str, Any] | None = None  # {"metric", "value", "epoch"} of checkpoint_best.pth
     if resume_ckpt is not None:
         load_model_state(model_without_ddp, resume_ckpt["model"], what=f"checkpoint {args.resume}")
         if not args.eval and {"optimizer", "lr_scheduler", "epoch"} <= resume_ckpt.keys():
@@ -354,6 +365,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if scaler is not None and "scaler" in resume_ckpt:
                 scaler.load_state_dict(resume_ckpt["scaler"])
             args.start_epoch = resume_ckpt["epoch"] + 1
+            best = resume_ckpt.get("best")
             if "rng_state" in resume_ckpt:
                 restore_rng_state(resume_ckpt["rng_state"])
     del resume_ckpt, frozen_ckpt, finetune_ckpt, weights_ckpt
@@ -391,10 +403,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             epoch_test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds,
                                                         device, args.output_dir, **eval_kwargs)
             test_stats = epoch_test_stats
+        selection = _selection_metric(epoch_test_stats)
+        improved = selection is not None and (best is None or selection[1] > best["value"])
+        if improved:
+            previous = f" (was {best['value']:.4f} at epoch {best['epoch']})" if best else ""
+            best = {"metric": selection[0], "value": selection[1], "epoch": epoch}
+            if output_dir is not None:
+                print(f"New best {selection[0]} {selection[1]:.4f} at epoch {epoch}{previous}: checkpoint_best.pth")
 
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in epoch_test_stats.items()},
                      "epoch": epoch, "n_parameters": n_parameters}
+        if best is not None:
+            log_stats.update(best_metric=best["metric"], best_value=best["value"], best_epoch=best["epoch"])
         if tb_writer is not None:
             tb_writer.add_scalars({k: v for k, v in log_stats.items() if k != "n_parameters"}, step=epoch)
         if output_dir is not None and dist_utils.is_main_process():
@@ -411,9 +432,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if output_dir is not None:
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-                          "rng_state": capture_rng_state(), "category_names": category_names}
+                          "rng_state": capture_rng_state(), "category_names": category_names, "best": best}
             if scaler is not None:
                 checkpoint["scaler"] = scaler.state_dict()
+            if improved:  # before checkpoint.pth: a kill in between re-runs the epoch, which rewrites it
+                save_checkpoint(checkpoint, output_dir / "checkpoint_best.pth")
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 save_checkpoint(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
             save_checkpoint(checkpoint, output_dir / "checkpoint.pth")
