@@ -48,6 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr_backbone", default=1e-5, type=float,
                         help="backbone learning rate; 0 or less freezes the backbone")
     parser.add_argument("--batch_size", default=2, type=int, help="images per process")
+    parser.add_argument("--grad_accum_steps", default=1, type=int,
+                        help="optimizer step every N batches, the loss normalised as for one batch of N x "
+                             "--batch_size images (effective batch N x batch_size x processes)")
     parser.add_argument("--weight_decay", default=1e-4, type=float)
     parser.add_argument("--epochs", default=300, type=int)
     parser.add_argument("--lr_drop", default=200, type=int, help="StepLR step size in epochs (lr x0.1)")
@@ -212,7 +215,8 @@ def _resolve_resume(args, output_dir: Path | None) -> str:
     if error:
         raise CheckpointError(error)
     if args.resume == RESUME_AUTO:
-        print(f"--resume auto: {'resuming from ' + resume if resume else 'no checkpoint in --output_dir, starting fresh'}")
+        print(f"--resume auto: resuming from {resume}" if resume
+              else "--resume auto: no checkpoint in --output_dir, starting fresh")
     return resume
 
 
@@ -303,6 +307,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume and args.finetune:
         raise ValueError("--resume continues a run (weights, optimizer, epoch); --finetune starts a new one "
                          "from weights only: give one of them")
+    if args.grad_accum_steps < 1:
+        raise ValueError(f"--grad_accum_steps {args.grad_accum_steps}: must be 1 or more")
     device = _check_device(args.device)
     autocast_context(args.amp, device)  # refuses e.g. fp16 on CPU before any work
     output_dir = Path(args.output_dir) if args.output_dir else None
@@ -394,7 +400,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         _seed_epoch(args, sampler_train, loader_train, epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                       amp=args.amp, scaler=scaler, print_freq=args.print_freq,
-                                      tb_writer=tb_writer, tb_freq=args.tb_freq)
+                                      tb_writer=tb_writer, tb_freq=args.tb_freq,
+                                      grad_accum_steps=args.grad_accum_steps)
         lr_scheduler.step()
 
         epoch_test_stats, coco_evaluator = {}, None

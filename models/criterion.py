@@ -116,8 +116,12 @@ class SetCriterion(nn.Module):
                "boxes": self.loss_boxes, "masks": self.loss_masks}
         return fns[loss](outputs, targets, indices, num_boxes, **kwargs)
 
-    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-        """outputs of DETR / DETRsegm; targets: labels [N] int64, boxes [N,4] normalised cxcywh, masks [N,H,W]."""
+    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]],
+                num_boxes: Optional[float] = None) -> Dict[str, Tensor]:
+        """outputs of DETR / DETRsegm; targets: labels [N] int64, boxes [N,4] normalised cxcywh, masks [N,H,W].
+
+        num_boxes: the box/mask loss normaliser; default the batch's boxes averaged over processes
+        (gradient accumulation passes the count of the whole accumulated batch)."""
         try:
             check_labels(torch.cat([t["labels"] for t in targets]), self.num_classes, "SetCriterion")
         except ValueError:
@@ -126,7 +130,8 @@ class SetCriterion(nn.Module):
             raise
         main_outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         indices = self.matcher(main_outputs, targets)
-        num_boxes = _num_boxes(targets, outputs["pred_logits"].device)
+        if num_boxes is None:
+            num_boxes = _num_boxes(targets, outputs["pred_logits"].device)
         losses: Dict[str, Tensor] = {}
         for loss in self.losses:
             losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
