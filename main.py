@@ -104,7 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coco_panoptic_path", type=str)
     parser.add_argument("--remove_difficult", action="store_true")
     parser.add_argument("--data_path", default="data/shapes", type=str,
-                        help="where the shapes data is generated on first use")
+                        help="shapes: where the data is generated on first use; yolo: the export's root folder")
     parser.add_argument("--shapes_train_size", default=256, type=int)
     parser.add_argument("--shapes_val_size", default=64, type=int)
     parser.add_argument("--shapes_image_size", default=128, type=int)
