@@ -4,7 +4,8 @@ Run directory (--output_dir), as the original: checkpoint.pth every epoch, check
 when (epoch + 1) is a multiple of --lr_drop or 100, log.txt (one JSON line per epoch),
 eval/latest.pth and eval/NNN.pth (epoch % 50 == 0); eval.pth with --eval; plus TensorBoard
 scalars in tensorboard/, and checkpoint_best.pth, rewritten when an evaluation beats every
-earlier one of the run (val box AP, PQ for panoptic; log.txt's best_metric/best_value/best_epoch).
+earlier one of the run (val box AP, PQ for panoptic; log.txt's test_best_bbox_AP or test_best_PQ
+and test_best_epoch).
 
 Exact resume: at the start of every epoch the Python, NumPy and torch generators are reseeded
 from (seed, rank, epoch), the sampler's generator from (seed, epoch) and the DataLoader's worker
@@ -421,8 +422,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in epoch_test_stats.items()},
                      "epoch": epoch, "n_parameters": n_parameters}
-        if best is not None:
-            log_stats.update(best_metric=best["metric"], best_value=best["value"], best_epoch=best["epoch"])
+        if best is not None:  # test_best_<metric>: the key names what checkpoint_best.pth was chosen by
+            log_stats.update({f"test_best_{best['metric'].replace(' ', '_')}": best["value"],
+                              "test_best_epoch": best["epoch"]})
         if tb_writer is not None:
             tb_writer.add_scalars({k: v for k, v in log_stats.items() if k != "n_parameters"}, step=epoch)
         if output_dir is not None and dist_utils.is_main_process():

@@ -54,8 +54,7 @@ def test_written_on_improvement_only_and_kept_across_resume(tmp_path, scripted, 
     assert best["epoch"] == 2 and best["best"] == {"metric": "bbox AP", "value": 0.5, "epoch": 2}
     assert best["model"].keys() == load_checkpoint(out / "checkpoint.pth")["model"].keys()
     logged = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    assert [(r["best_metric"], r["best_value"], r["best_epoch"]) for r in logged] == [
-        ("bbox AP", 0.3, 0), ("bbox AP", 0.3, 0), ("bbox AP", 0.5, 2)]
+    assert [(r["test_best_bbox_AP"], r["test_best_epoch"]) for r in logged] == [(0.3, 0), (0.3, 0), (0.5, 2)]
 
     # Resumed: 0.4 < 0.5 from before the restart, so no write; a tie is no improvement either.
     saves.clear()
@@ -63,14 +62,14 @@ def test_written_on_improvement_only_and_kept_across_resume(tmp_path, scripted, 
     _run(tmp_path, out, 5, "--resume", "auto")
     assert [name for name, _ in saves if name == "checkpoint_best.pth"] == []
     assert load_checkpoint(out / "checkpoint_best.pth")["epoch"] == 2
-    assert json.loads((out / "log.txt").read_text().splitlines()[-1])["best_epoch"] == 2
+    assert json.loads((out / "log.txt").read_text().splitlines()[-1])["test_best_epoch"] == 2
 
 
 def test_no_evaluation_no_best(tmp_path, scripted):
     _, saves = scripted
     _run(tmp_path, tmp_path / "run", 1, "--eval_every", "0")
     assert [name for name, _ in saves] == ["checkpoint.pth"]
-    assert "best_metric" not in (tmp_path / "run" / "log.txt").read_text()
+    assert "test_best" not in (tmp_path / "run" / "log.txt").read_text()
 
 
 def test_selection_metric_prefers_pq_for_panoptic():
