@@ -305,7 +305,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dist_utils.init_distributed_mode(args)
     if args.frozen_weights and not args.masks:
         raise ValueError("--frozen_weights trains only the mask head: add --masks")
-    if args.resume and args.finetune:
+    if args.resume and args.resume != RESUME_AUTO and args.finetune:
         raise ValueError("--resume continues a run (weights, optimizer, epoch); --finetune starts a new one "
                          "from weights only: give one of them")
     if args.grad_accum_steps < 1:
@@ -316,6 +316,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if output_dir is not None and dist_utils.is_main_process():
         ensure_writable_dir(output_dir)
     args.resume = _resolve_resume(args, output_dir)
+    if args.resume and args.finetune:  # --finetune X --resume auto: X started the run, which now continues
+        print(f"--finetune {args.finetune} ignored: the run it started continues from {args.resume}")
+        args.finetune = ""
     print(args)
 
     seed_all(args.seed + dist_utils.get_rank())

@@ -55,6 +55,25 @@ def test_refusal_resume_auto_and_overwrite(tmp_path, capsys):
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 0
 
 
+def test_finetune_with_resume_auto_starts_then_continues(tmp_path, capsys):
+    """One command for a preemptible fine-tuning job: the first start fine-tunes, a restart resumes."""
+    source = tmp_path / "source"
+    _main(tmp_path, source, "--epochs", "1")
+    out = tmp_path / "tuned"
+    command = ["--finetune", str(source / "checkpoint.pth"), "--resume", "auto"]
+    _main(tmp_path, out, "--epochs", "1", *command)
+    printed = capsys.readouterr().out
+    assert "--resume auto: no checkpoint in --output_dir, starting fresh" in printed
+    assert f"--finetune {source / 'checkpoint.pth'}: every tensor loaded from the checkpoint" in printed
+    _main(tmp_path, out, "--epochs", "2", *command)
+    printed = capsys.readouterr().out
+    assert f"--finetune {source / 'checkpoint.pth'} ignored: the run it started continues from" in printed
+    assert _logged_epochs(out) == [0, 1]
+    with pytest.raises(ValueError, match="give one of them"):  # an explicit checkpoint and --finetune clash
+        _main(tmp_path, out, "--epochs", "3", "--finetune", str(source / "checkpoint.pth"),
+              "--resume", str(out / "checkpoint.pth"))
+
+
 def test_resume_source_rules(tmp_path):
     assert resume_source("", tmp_path) == ""  # empty folder: fresh run allowed
     assert resume_source("auto", tmp_path) == ""
