@@ -3,8 +3,8 @@
 Run directory (--output_dir), as the original: checkpoint.pth every epoch, checkpointNNNN.pth
 when (epoch + 1) is a multiple of --lr_drop or 100, log.txt (one JSON line per epoch),
 eval/latest.pth and eval/NNN.pth (epoch % 50 == 0); eval.pth with --eval; plus TensorBoard
-scalars in tensorboard/, and checkpoint_best.pth, rewritten when an evaluation beats every
-earlier one of the run (val box AP, PQ for panoptic; log.txt's test_best_bbox_AP or test_best_PQ
+scalars in tensorboard/, and checkpoint_best.pth (model, args, epoch; no optimizer state),
+rewritten when an evaluation beats every earlier one of the run (val box AP, PQ for panoptic; log.txt's test_best_bbox_AP or test_best_PQ
 and test_best_epoch).
 
 Exact resume: at the start of every epoch the Python, NumPy and torch generators are reseeded
@@ -448,7 +448,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if scaler is not None:
                 checkpoint["scaler"] = scaler.state_dict()
             if improved:  # before checkpoint.pth: a kill in between re-runs the epoch, which rewrites it
-                save_checkpoint(checkpoint, output_dir / "checkpoint_best.pth")
+                # Weights for predict.py / --finetune: no optimizer state (a third of the size for AdamW).
+                keep = ("model", "epoch", "args", "category_names", "best")
+                save_checkpoint({k: checkpoint[k] for k in keep}, output_dir / "checkpoint_best.pth")
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 save_checkpoint(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
             save_checkpoint(checkpoint, output_dir / "checkpoint.pth")

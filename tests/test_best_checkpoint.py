@@ -53,6 +53,7 @@ def test_written_on_improvement_only_and_kept_across_resume(tmp_path, scripted, 
     best = load_checkpoint(out / "checkpoint_best.pth")
     assert best["epoch"] == 2 and best["best"] == {"metric": "bbox AP", "value": 0.5, "epoch": 2}
     assert best["model"].keys() == load_checkpoint(out / "checkpoint.pth")["model"].keys()
+    assert "optimizer" not in best and best["args"].epochs == 3  # weights for predict.py / --finetune
     logged = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [(r["test_best_bbox_AP"], r["test_best_epoch"]) for r in logged] == [(0.3, 0), (0.3, 0), (0.5, 2)]
 
