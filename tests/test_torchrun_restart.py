@@ -7,6 +7,12 @@ checkpoint.pth through --resume auto. The job must finish with each epoch logged
 final checkpoint (weights, optimizer state) equal bit for bit to an uninterrupted run's: every
 epoch reseeds its random streams from (seed, rank, epoch), and DDP's averaging of two gradients
 does not depend on how the buckets are laid out.
+
+Launch: the c10d rendezvous with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, so each restart gets a
+fresh TCPStore. With the static rendezvous (--master_addr/--master_port) torchrun keeps one store
+across restarts, the restarted gloo ranks can read the killed rank's address from it, and the
+restart then fails ("Gloo connectFullMesh failed ... Connection refused"; seen here, a race).
+Slow: about 2 minutes on one busy core (two launches of two processes, one of them twice).
 """
 import json
 import os
@@ -40,11 +46,13 @@ def _free_port() -> int:
 
 
 def _launch(data: Path, out: Path, token: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "RESTART_TEST_TOKEN": token}
+    # A fresh TCPStore for every restart (see the module doc): keys of the killed attempt must not be read.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "RESTART_TEST_TOKEN": token,
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--max_restarts=1",
-           "--monitor_interval=0.1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "main.py",
+           "--monitor_interval=0.1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "main.py",
            *FLAGS, "--data_path", str(data), "--output_dir", str(out)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
