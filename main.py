@@ -212,6 +212,9 @@ def _resolve_resume(args, output_dir: Path | None) -> str:
             decision = (resume_source(args.resume, output_dir, overwrite=args.overwrite, training=not args.eval), "")
         except CheckpointError as err:
             decision = ("", str(err))
+        if args.overwrite and decision == ("", "") and not args.eval and output_dir is not None:
+            # the old run's best is not this run's: it must not outlive the restart
+            (output_dir / "checkpoint_best.pth").unlink(missing_ok=True)
     resume, error = dist_utils.all_gather(decision)[0]
     if error:
         raise CheckpointError(error)

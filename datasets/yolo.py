@@ -6,8 +6,9 @@ Layout (as YOLO tools write it):
     ROOT/data.yaml            names: [a, b] | names: {0: a, 1: b} | block list/mapping; nc: K
       or ROOT/classes.txt     one name per line
 A label line is `class cx cy w h`, the box centre and size as fractions of the image width and
-height. data.yaml's `train:` / `val:` may point elsewhere (a folder relative to ROOT); the label
-folder is then that path with its last `images` part replaced by `labels`.
+height. data.yaml's `train:` / `val:` may point elsewhere (a folder relative to ROOT; a leading
+`../` that leads nowhere is dropped, as Roboflow's `train: ../train/images` means ROOT/train/images);
+the label folder is then that path with its last `images` part replaced by `labels`.
 
 Class index k becomes category id k (so the model gets len(names) classes). Each split becomes a
 pycocotools COCO index (boxes [x, y, w, h] in pixels, area w*h, iscrowd 0; image ids 1.. in file
@@ -114,8 +115,13 @@ def split_folders(root: Path, image_set: str) -> tuple[Path, Path]:
     for name in ("data.yaml", "data.yml"):
         if (root / name).is_file():
             given = read_data_yaml(root / name).get(image_set)
-            if isinstance(given, str) and given and not given.endswith(".txt"):
+            if isinstance(given, str) and given:
+                if given.endswith(".txt"):
+                    raise ValueError(f"{root / name}: {image_set}: {given} is a list of image files; "
+                                     "--dataset_file yolo reads image folders (images/<split>/)")
                 images = Path(given) if Path(given).is_absolute() else root / given
+                if not images.is_dir() and given.startswith("../"):
+                    images = root / given[3:]  # Roboflow writes '../train/images' for ROOT/train/images
             break
     parts = list(images.parts)
     if "images" not in parts:

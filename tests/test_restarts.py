@@ -50,8 +50,10 @@ def test_refusal_resume_auto_and_overwrite(tmp_path, capsys):
     assert _logged_epochs(out) == [0, 1]
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
 
+    (out / "checkpoint_best.pth").write_bytes(b"the old run's best")
     _main(tmp_path, out, "--epochs", "1", "--overwrite")  # deliberately afresh
     assert _logged_epochs(out) == [0]
+    assert not (out / "checkpoint_best.pth").exists()  # no evaluation in this run: no best of it
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 0
 
 

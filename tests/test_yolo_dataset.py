@@ -175,6 +175,24 @@ def test_boxes_in_pixels_and_an_image_without_labels(tmp_path):
         (2, 0, [16.0, 12.0, 8.0, 6.0]), (2, 1, [0.0, 0.0, 20.0, 30.0])]
 
 
+def test_roboflow_layout_with_parent_relative_paths(tmp_path):
+    """ROOT/train/images + ROOT/valid/images, data.yaml 'train: ../train/images' (Roboflow's export)."""
+    root = tmp_path / "data"
+    from PIL import Image
+    for split in ("train", "valid"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+        Image.new("RGB", (10, 10)).save(root / split / "images" / f"{split}.jpg")
+        (root / split / "labels" / f"{split}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\nnc: 1\nnames: ['thing']\n")
+    assert yolo.split_folders(root, "val") == (root / "valid" / "images", root / "valid" / "labels")
+    coco = yolo.yolo_to_coco(*yolo.split_folders(root, "train"), yolo.class_names(root))
+    assert [a["bbox"] for a in coco.dataset["annotations"]] == [[4.0, 4.0, 2.0, 2.0]]
+    (root / "data.yaml").write_text("train: train.txt\nnames: [thing]\n")
+    with pytest.raises(ValueError, match="train.txt is a list of image files"):
+        yolo.split_folders(root, "train")
+
+
 @pytest.mark.parametrize("text", [
     "names: [a, 'b c']\n",
     "nc: 2\nnames: {0: a, 1: \"b c\"}\n",
