@@ -160,3 +160,13 @@ def test_ddp_accumulation_equals_one_big_batch(tmp_path):
     args = _args(1.0)
     whole = _grads_after_one_step(*_build(args), _batches(_data(DDP_BOXES), 4), steps=1)
     _assert_close(ddp["grads"], whole)
+
+
+def test_main_refuses_zero_steps_before_any_work(tmp_path):
+    import main
+
+    args = main.get_args_parser().parse_args(["--device", "cpu", "--dataset_file", "shapes", "--grad_accum_steps", "0",
+                                              "--data_path", str(tmp_path / "shapes")])
+    with pytest.raises(ValueError, match="--grad_accum_steps 0: must be 1 or more"):
+        main.main(args)
+    assert not (tmp_path / "shapes").exists()
