@@ -68,10 +68,10 @@ def read_data_yaml(path: Path) -> dict[str, object]:
         elif rest.startswith("{"):
             inner = rest[1:rest.rindex("}")] if "}" in rest else rest[1:]
             pairs = [item.split(":", 1) for item in inner.split(",") if item.strip()]
-            out["names"] = _indexed(path, {int(k): _scalar(v) for k, v in pairs})
-        else:  # a block: indented "- name" or "k: name" lines
+            out["names"] = _indexed(path, {_index(path, k): _scalar(v) for k, v in pairs})
+        else:  # a block: "- name" lines (indented or not) or indented "k: name" lines
             items, indexed = [], {}
-            while i < len(lines) and (lines[i].startswith((" ", "\t")) or not lines[i].strip()):
+            while i < len(lines) and (lines[i].startswith((" ", "\t", "-")) or not lines[i].strip()):
                 entry = lines[i].strip()
                 i += 1
                 if not entry or entry.startswith("#"):
@@ -80,9 +80,16 @@ def read_data_yaml(path: Path) -> dict[str, object]:
                     items.append(_scalar(entry[1:]))
                 elif ":" in entry:
                     k, v = entry.split(":", 1)
-                    indexed[int(k)] = _scalar(v)
+                    indexed[_index(path, k)] = _scalar(v)
             out["names"] = items if items else _indexed(path, indexed)
     return out
+
+
+def _index(path: Path, key: str) -> int:
+    try:
+        return int(key)
+    except ValueError:
+        raise ValueError(f"{path}: names: {key.strip()!r} is not a class index (expected 0, 1, ...)") from None
 
 
 def _indexed(path: Path, names: dict[int, str]) -> list[str]:

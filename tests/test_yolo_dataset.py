@@ -198,10 +198,17 @@ def test_roboflow_layout_with_parent_relative_paths(tmp_path):
     "nc: 2\nnames: {0: a, 1: \"b c\"}\n",
     "names:\n  - a   # first\n  - 'b c'\nnc: 2\n",
     "names:\n  0: a\n  1: b c\ntrain: images/train\n",
+    "names:\n- a\n- b c\n",
 ])
 def test_data_yaml_forms(tmp_path, text):
     (tmp_path / "data.yaml").write_text(text)
     assert yolo.class_names(tmp_path) == ["a", "b c"]
+
+
+def test_data_yaml_names_with_a_non_numeric_key_are_named(tmp_path):
+    (tmp_path / "data.yaml").write_text("names:\n  zero: a\n")
+    with pytest.raises(ValueError, match="names: 'zero' is not a class index"):
+        yolo.class_names(tmp_path)
 
 
 def test_classes_txt_and_missing_names(tmp_path):
