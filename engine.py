@@ -2,8 +2,8 @@
 
 - `train_one_epoch`: forward (optionally under autocast), loss weighted by
   `criterion.weight_dict`, a finiteness check before any weight changes, backward, gradient
-  clipping, optimizer step. Returns the epoch's averaged stats (loss, loss_ce, loss_bbox, ...,
-  class_error, lr), as the original.
+  clipping, optimizer step (after --grad_accum_steps micro-batches). Returns the epoch's
+  averaged stats (loss, loss_ce, loss_bbox, ..., class_error, lr), as the original.
 - `evaluate`: inference-mode pass over the validation loader feeding CocoEvaluator (bbox, segm)
   and PanopticEvaluator; returns (stats, coco_evaluator) with `coco_eval_bbox` (12 numbers),
   `coco_eval_masks`, and `PQ_all`/`PQ_th`/`PQ_st` for panoptic.
@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
-from util.distributed import reduce_dict
+from util.distributed import get_world_size, reduce_dict
 from util.metric_logger import MetricLogger, SmoothedValue
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -72,21 +72,51 @@ def _image_ids(targets: list[dict]) -> list[int]:
     return [int(t["image_id"].reshape(-1)[0]) for t in targets if "image_id" in t]
 
 
+def _groups(batches: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last one may be shorter)."""
+    group: list = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def accumulated_num_boxes(targets: list[dict], micro_batches: int, device: torch.device) -> float:
+    """Box/mask loss normaliser for each of `micro_batches` micro-batches whose targets together
+    are `targets`: the whole accumulated batch's boxes averaged over processes (at least 1, as
+    SetCriterion's own), divided by micro_batches. Each micro-batch's loss is also divided by
+    micro_batches, so the summed gradients are those of one batch of all the images."""
+    count = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    world_size = get_world_size()
+    if world_size > 1:
+        torch.distributed.all_reduce(count)
+    return torch.clamp(count / world_size, min=1).item() / micro_batches
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device | str, epoch: int,
                     max_norm: float = 0, *, amp: str = "off", scaler: torch.amp.GradScaler | None = None,
                     print_freq: int = 10, tb_writer: Any = None, tb_freq: int = 50,
-                    ema: Any = None, print_all: bool = False) -> dict[str, float]:
+                    ema: Any = None, print_all: bool = False, grad_accum_steps: int = 1) -> dict[str, float]:
     """Train `model` for one pass over `data_loader` ((NestedTensor, targets) batches).
 
     amp: 'off' | 'bf16' | 'fp16' autocast for the forward pass (the loss is computed in fp32);
     scaler: a GradScaler (needed for fp16). max_norm > 0 clips the gradient norm.
+    grad_accum_steps N: one optimizer step per N loader batches (micro-batches), with the loss
+    normalised as for one batch of all their images (`accumulated_num_boxes`); under DDP the
+    gradients are all-reduced on the last micro-batch only (`no_sync` before it). Statistics
+    and iteration numbers count micro-batches.
     tb_writer (util.tensorboard.TensorboardWriter) receives the loss every `tb_freq` iterations
     at step epoch * len(data_loader) + iteration. ema (util.ema.ModelEMA) is updated after every
     optimizer step. print_all: every loss term on the console progress line, not only PROGRESS_METERS.
     Returns {stat: epoch average}. Raises NonFiniteLossError (epoch, iteration, each loss term,
     the batch's image ids) before the step that would have used a NaN/inf loss.
     """
+    if grad_accum_steps < 1:
+        raise ValueError(f"--grad_accum_steps {grad_accum_steps}: must be 1 or more")
     device = torch.device(device)
     model.train()
     criterion.train()
@@ -98,52 +128,64 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     steps_per_epoch = len(data_loader) if hasattr(data_loader, "__len__") else 0
 
     shown = None if print_all else PROGRESS_METERS
-    for iteration, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, header, shown)):
-        samples = samples.to(device)
-        targets = _targets_to(targets, device)
-        with autocast_context(amp, device):
-            outputs = model(samples)
-        loss_dict = criterion(_to_float(outputs), targets)
-        losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
-
-        # Averaged over processes, so every rank takes the same decision below.
-        reduced = reduce_dict({k: v.detach() for k, v in loss_dict.items()})
-        reduced_scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
-        reduced_unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
-        loss_value = sum(float(v) for v in reduced_scaled.values())
-
-        if not math.isfinite(loss_value) or not torch.isfinite(losses).all():
-            terms = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in loss_dict.items())
-            raise NonFiniteLossError(
-                f"non-finite loss {loss_value} at epoch {epoch}, iteration {iteration}: {terms}; "
-                f"image ids of the batch: {_image_ids(targets)}. Training stopped before the optimizer "
-                "step; the last checkpoint is untouched. Lower --lr, keep --clip_max_norm > 0, or check "
-                "these images' annotations"
-            )
-
+    iteration = -1
+    for group in _groups(logger.log_every(data_loader, print_freq, header, shown), grad_accum_steps):
+        num_boxes = None
+        if grad_accum_steps > 1:
+            num_boxes = accumulated_num_boxes([t for _, targets in group for t in targets], len(group), device)
         optimizer.zero_grad()
+        for position, (samples, targets) in enumerate(group):
+            iteration += 1
+            samples = samples.to(device)
+            targets = _targets_to(targets, device)
+            last = position == len(group) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast_context(amp, device):
+                    outputs = model(samples)
+                loss_dict = (criterion(_to_float(outputs), targets) if num_boxes is None
+                             else criterion(_to_float(outputs), targets, num_boxes=num_boxes))
+                losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+                # Averaged over processes, so every rank takes the same decision below.
+                reduced = reduce_dict({k: v.detach() for k, v in loss_dict.items()})
+                reduced_scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
+                reduced_unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
+                loss_value = sum(float(v) for v in reduced_scaled.values())
+
+                if not math.isfinite(loss_value) or not torch.isfinite(losses).all():
+                    terms = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in loss_dict.items())
+                    raise NonFiniteLossError(
+                        f"non-finite loss {loss_value} at epoch {epoch}, iteration {iteration}: {terms}; "
+                        f"image ids of the batch: {_image_ids(targets)}. Training stopped before the optimizer "
+                        "step; the last checkpoint is untouched. Lower --lr, keep --clip_max_norm > 0, or check "
+                        "these images' annotations"
+                    )
+                if len(group) > 1:
+                    losses = losses / len(group)
+                (scaler.scale(losses) if scaler is not None else losses).backward()
+
+            logger.update(loss=loss_value, **reduced_scaled, **reduced_unscaled)
+            if "class_error" in reduced:
+                logger.update(class_error=reduced["class_error"])
+            logger.update(lr=optimizer.param_groups[0]["lr"])
+            if tb_writer is not None and tb_freq > 0 and iteration % tb_freq == 0:
+                tb_writer.add_scalars({"train_loss": loss_value,
+                                       **{f"train_{k}": float(v) for k, v in reduced_scaled.items()}},
+                                      step=epoch * steps_per_epoch + iteration, prefix="iter")
+
         if scaler is not None:
-            scaler.scale(losses).backward()
             if max_norm > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             scaler.step(optimizer)
             scaler.update()
         else:
-            losses.backward()
             if max_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             optimizer.step()
         if ema is not None:
             ema.update()
-
-        logger.update(loss=loss_value, **reduced_scaled, **reduced_unscaled)
-        if "class_error" in reduced:
-            logger.update(class_error=reduced["class_error"])
-        logger.update(lr=optimizer.param_groups[0]["lr"])
-        if tb_writer is not None and tb_freq > 0 and iteration % tb_freq == 0:
-            tb_writer.add_scalars({"train_loss": loss_value, **{f"train_{k}": float(v) for k, v in reduced_scaled.items()}},
-                                  step=epoch * steps_per_epoch + iteration, prefix="iter")
 
     logger.synchronize_between_processes()
     print("Averaged stats:", logger.format(shown))

@@ -3,7 +3,9 @@
 Run directory (--output_dir), as the original: checkpoint.pth every epoch, checkpointNNNN.pth
 when (epoch + 1) is a multiple of --lr_drop or 100, log.txt (one JSON line per epoch),
 eval/latest.pth and eval/NNN.pth (epoch % 50 == 0); eval.pth with --eval; plus TensorBoard
-scalars in tensorboard/.
+scalars in tensorboard/, and checkpoint_best.pth (model, args, epoch; no optimizer state),
+rewritten when an evaluation beats every earlier one of the run (val box AP, PQ for panoptic; log.txt's test_best_bbox_AP or test_best_PQ
+and test_best_epoch).
 
 Exact resume: at the start of every epoch the Python, NumPy and torch generators are reseeded
 from (seed, rank, epoch), the sampler's generator from (seed, epoch) and the DataLoader's worker
@@ -31,8 +33,9 @@ from engine import AMP_MODES, NonFiniteLossError, autocast_context, evaluate, ma
 from models import build_model
 from models.fuse import to_channels_last
 from util import distributed as dist_utils
-from util.checkpoint import (CheckpointError, adapt_for_finetune, capture_rng_state, ensure_writable_dir,
-                             fit_training_only, load_checkpoint, load_model_state, restore_rng_state, save_checkpoint)
+from util.checkpoint import (RESUME_AUTO, CheckpointError, adapt_for_finetune, capture_rng_state,
+                             ensure_writable_dir, fit_training_only, load_checkpoint, load_model_state,
+                             restore_rng_state, resume_source, save_checkpoint)
 from util.cli import HelpFormatter, exit_on_user_error
 from util.ema import ModelEMA
 from util.nested_tensor import collate_fn
@@ -49,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim.add_argument("--lr_backbone", default=1e-5, type=float,
                        help="backbone learning rate; 0 or less freezes the backbone")
     optim.add_argument("--batch_size", default=2, type=int, help="images per process")
+    optim.add_argument("--grad_accum_steps", default=1, type=int,
+                       help="optimizer step every N batches, the loss normalised as for one batch of N x "
+                            "--batch_size images (effective batch N x batch_size x processes)")
     optim.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
     optim.add_argument("--epochs", default=300, type=int, help="total epochs")
     optim.add_argument("--lr_drop", default=200, type=int, help="StepLR step size in epochs (lr x0.1)")
@@ -121,7 +127,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="coco_panoptic: root with annotations/panoptic_{train,val}2017.json and PNG folders")
     data.add_argument("--remove_difficult", action="store_true", help="kept for compatibility; has no effect")
     data.add_argument("--data_path", default="data/shapes", type=str,
-                      help="shapes: where the data is generated on first use")
+                      help="shapes: where the data is generated on first use; yolo: the export's root folder")
     data.add_argument("--shapes_train_size", default=256, type=int, help="shapes: training images")
     data.add_argument("--shapes_val_size", default=64, type=int, help="shapes: validation images")
     data.add_argument("--shapes_image_size", default=128, type=int, help="shapes: longer image side in pixels")
@@ -140,7 +146,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--output_dir", default="", help="where to save; empty = save nothing")
     run.add_argument("--device", default="cuda", help="device for training/testing (cuda, cuda:N, cpu)")
     run.add_argument("--seed", default=42, type=int, help="seed; each process adds its rank")
-    run.add_argument("--resume", default="", help="checkpoint path or https/file URL to resume from")
+    run.add_argument("--resume", default="", help="checkpoint path or https/file URL to resume from; 'auto': "
+                     "--output_dir's checkpoint.pth if there is one, else start fresh")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start a fresh run even if --output_dir holds a checkpoint (refused without it)")
     run.add_argument("--finetune", default="", help="checkpoint path/URL whose weights start a fresh run "
                      "(epoch 0, new optimizer; class head/queries of another shape re-initialised)")
     run.add_argument("--start_epoch", default=0, type=int, metavar="N",
@@ -221,6 +230,28 @@ def _trim_log(output_dir: Path, start_epoch: int) -> None:
         tmp = log.with_name(".log.txt.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(log)
+
+
+def _resolve_resume(args, output_dir: Path | None) -> str:
+    """util.checkpoint.resume_source decided by rank 0 for every process, so all ranks resume
+    from the same epoch (or all refuse) even if they saw the folder at different moments."""
+    decision = ("", "")
+    if dist_utils.is_main_process():
+        try:
+            decision = (resume_source(args.resume, output_dir, overwrite=args.overwrite, training=not args.eval), "")
+        except CheckpointError as err:
+            decision = ("", str(err))
+        if args.overwrite and decision == ("", "") and not args.eval and output_dir is not None:
+            # the old run's best and averaged weights are not this run's: they must not outlive the restart
+            (output_dir / "checkpoint_best.pth").unlink(missing_ok=True)
+            (output_dir / "checkpoint_ema.pth").unlink(missing_ok=True)
+    resume, error = dist_utils.all_gather(decision)[0]
+    if error:
+        raise CheckpointError(error)
+    if args.resume == RESUME_AUTO:
+        print(f"--resume auto: resuming from {resume}" if resume
+              else "--resume auto: no checkpoint in --output_dir, starting fresh")
+    return resume
 
 
 def _eval_payload(coco_evaluator: Any) -> dict[str, Any]:
@@ -310,14 +341,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dist_utils.init_distributed_mode(args)
     if args.frozen_weights and not args.masks:
         raise ValueError("--frozen_weights trains only the mask head: add --masks")
-    if args.resume and args.finetune:
+    if args.resume and args.resume != RESUME_AUTO and args.finetune:
         raise ValueError("--resume continues a run (weights, optimizer, epoch); --finetune starts a new one "
                          "from weights only: give one of them")
+    if args.grad_accum_steps < 1:
+        raise ValueError(f"--grad_accum_steps {args.grad_accum_steps}: must be 1 or more")
     device = _check_device(args.device)
     autocast_context(args.amp, device)  # refuses e.g. fp16 on CPU before any work
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and dist_utils.is_main_process():
         ensure_writable_dir(output_dir)
+    args.resume = _resolve_resume(args, output_dir)
+    if args.resume and args.finetune:  # --finetune X --resume auto: X started the run, which now continues
+        print(f"--finetune {args.finetune} ignored: the run it started continues from {args.resume}")
+        args.finetune = ""
     print_flags(args)
 
     seed_all(args.seed + dist_utils.get_rank())
@@ -365,6 +402,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         load_model_state(model_without_ddp.detr, frozen_ckpt["model"], what=f"checkpoint {args.frozen_weights}")
     if finetune_ckpt is not None:
         _load_finetune(model_without_ddp, args.finetune, finetune_ckpt)
+    best: dict[str, Any] | None = None  # {"metric", "value", "epoch"} of checkpoint_best.pth
     if resume_ckpt is not None:
         resumed_groups = getattr(resume_ckpt.get("args"), "group_detr", 1)
         if not args.eval and resumed_groups != args.group_detr:
@@ -378,6 +416,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if scaler is not None and "scaler" in resume_ckpt:
                 scaler.load_state_dict(resume_ckpt["scaler"])
             args.start_epoch = resume_ckpt["epoch"] + 1
+            best = resume_ckpt.get("best")
             if "rng_state" in resume_ckpt:
                 restore_rng_state(resume_ckpt["rng_state"])
     ema = ModelEMA(model_without_ddp, args.ema) if args.ema > 0 and not args.eval else None
@@ -411,7 +450,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                       amp=args.amp, scaler=scaler, print_freq=args.print_freq,
                                       tb_writer=tb_writer, tb_freq=args.tb_freq, ema=ema,
-                                      print_all=args.print_all_losses)
+                                      print_all=args.print_all_losses, grad_accum_steps=args.grad_accum_steps)
         lr_scheduler.step()
 
         epoch_test_stats, coco_evaluator = {}, None
@@ -425,10 +464,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                         args.output_dir, **eval_kwargs)
                 epoch_test_stats.update({f"ema_{k}": v for k, v in ema_stats.items()})
                 _print_ap(ema_stats, f"EMA weights, epoch {epoch}")
+        selection = _selection_metric(epoch_test_stats)
+        improved = selection is not None and (best is None or selection[1] > best["value"])
+        if improved:
+            previous = f" (was {best['value']:.4f} at epoch {best['epoch']})" if best else ""
+            best = {"metric": selection[0], "value": selection[1], "epoch": epoch}
+            if output_dir is not None:
+                print(f"New best {selection[0]} {selection[1]:.4f} at epoch {epoch}{previous}: checkpoint_best.pth")
 
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in epoch_test_stats.items()},
                      "epoch": epoch, "n_parameters": n_parameters}
+        if best is not None:  # test_best_<metric>: the key names what checkpoint_best.pth was chosen by
+            log_stats.update({f"test_best_{best['metric'].replace(' ', '_')}": best["value"],
+                              "test_best_epoch": best["epoch"]})
         if tb_writer is not None:
             tb_writer.add_scalars({k: v for k, v in log_stats.items() if k != "n_parameters"}, step=epoch)
         if output_dir is not None and dist_utils.is_main_process():
@@ -445,7 +494,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if output_dir is not None:
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-                          "rng_state": capture_rng_state(), "category_names": category_names}
+                          "rng_state": capture_rng_state(), "category_names": category_names, "best": best}
             if scaler is not None:
                 checkpoint["scaler"] = scaler.state_dict()
             if ema is not None:
@@ -453,6 +502,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 # The averaged weights alone: what predict.py, hubconf, --eval and export take.
                 save_checkpoint({"model": ema.module.state_dict(), "epoch": epoch, "args": args,
                                  "category_names": category_names}, output_dir / "checkpoint_ema.pth")
+            if improved:  # before checkpoint.pth: a kill in between re-runs the epoch, which rewrites it
+                # Weights for predict.py / --finetune: no optimizer state (a third of the size for AdamW).
+                keep = ("model", "epoch", "args", "category_names", "best")
+                save_checkpoint({k: checkpoint[k] for k in keep}, output_dir / "checkpoint_best.pth")
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 save_checkpoint(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
             save_checkpoint(checkpoint, output_dir / "checkpoint.pth")

@@ -6,9 +6,10 @@
 Takes every main.py flag. The run directory (main.py's --output_dir) is the job folder
 `<shared_dir>/<job id>/` (or --job_dir, where `%j` stands for the job id), a folder every node
 can read and write. When Slurm signals a preemption or the coming time limit, the main task
-points --resume at the job folder's checkpoint.pth and submitit requeues the job, which then
-continues from the last saved epoch. `--executor local` runs the same job on this machine
-(submitit's LocalExecutor, one process per --ngpus, CPU when --device cpu) for testing.
+sets --resume auto (the job folder's checkpoint.pth, as for a torchrun restart) and submitit
+requeues the job, which then continues from the last saved epoch. `--executor local` runs the
+same job on this machine (submitit's LocalExecutor, one process per --ngpus, CPU when --device
+cpu) for testing.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import submitit
 
 import main as detr
+from util.checkpoint import CHECKPOINT_NAME, RESUME_AUTO
 from util.cli import HelpFormatter, exit_on_user_error
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -76,10 +78,12 @@ class Trainer:
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called on the main task at preemption/timeout: resume the requeued job from the job folder."""
-        checkpoint_file = Path(self.args.output_dir) / "checkpoint.pth"
-        if checkpoint_file.exists():
-            self.args.resume = str(checkpoint_file)
-        print(f"Requeuing; resume from {self.args.resume or 'scratch'}", flush=True)
+        # main.py's `--resume auto` (the same path as a torchrun restart): the job folder's
+        # checkpoint.pth when one exists, else a fresh start. A --resume the user gave still
+        # applies while the job folder holds no checkpoint of its own.
+        if not self.args.resume or (Path(self.args.output_dir) / CHECKPOINT_NAME).exists():
+            self.args.resume = RESUME_AUTO
+        print(f"Requeuing with --resume {self.args.resume}", flush=True)
         return submitit.helpers.DelayedSubmission(type(self)(self.args))
 
     def _setup_process_group_env(self) -> None:

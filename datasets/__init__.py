@@ -1,7 +1,8 @@
 """Dataset entry points: build by --dataset_file, the evaluation ground truth, class counts.
 
 --dataset_file: coco, coco_panoptic (the original's), shapes, shapes_panoptic (the embedded
-generated data, see datasets/shapes.py), custom (a COCO-format export, see datasets/custom.py).
+generated data, see datasets/shapes.py), custom (a COCO-format export, see datasets/custom.py),
+yolo (a YOLO txt export under --data_path, see datasets/yolo.py).
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from pathlib import Path
 import torch
 from pycocotools.coco import COCO
 
-from datasets import coco, coco_panoptic, custom, shapes
+from datasets import coco, coco_panoptic, custom, shapes, yolo
 
-DATASET_FILES = ("coco", "coco_panoptic", "shapes", "shapes_panoptic", "custom")
+DATASET_FILES = ("coco", "coco_panoptic", "shapes", "shapes_panoptic", "custom", "yolo")
 
 
 def _kind(args) -> str:
@@ -34,6 +35,8 @@ def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
         return shapes.build(image_set, args)
     if kind == "shapes_panoptic":
         return shapes.build_panoptic(image_set, args)
+    if kind == "yolo":
+        return yolo.build(image_set, args)
     return custom.build(image_set, args)
 
 
@@ -79,6 +82,8 @@ def _required(args) -> tuple[int | None, int | None]:
         return largest + 1, largest
     if kind == "custom":
         return custom.required_num_classes(args)
+    if kind == "yolo":
+        return yolo.required_num_classes(args)
     return None, None
 
 
@@ -86,7 +91,7 @@ def infer_num_classes(args) -> int:
     """args.num_classes when given (error if below max category id + 1), else the dataset's count.
 
     coco: 91, coco_panoptic: 250 (the original's); shapes, shapes_panoptic, custom: max category
-    id + 1 from the annotation files.
+    id + 1 from the annotation files; yolo: the number of class names.
     """
     required, largest = _required(args)
     given = getattr(args, "num_classes", None)
@@ -114,6 +119,8 @@ def category_names(args) -> dict[int, str]:
         return {c["id"]: c["name"] for c in _shapes_categories(kind == "shapes_panoptic")}
     if kind == "custom":
         return custom.category_names(args)
+    if kind == "yolo":
+        return yolo.category_names(args)
     if kind == "coco":
         ann = Path(args.coco_path) / "annotations" / "instances_val2017.json"
     else:

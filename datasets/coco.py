@@ -224,12 +224,14 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, img_folder: str | Path, ann_file: str | Path, transforms: Callable | None,
-                 return_masks: bool = False, num_classes: int | None = None):
+                 return_masks: bool = False, num_classes: int | None = None, coco: COCO | None = None):
+        """coco: the ground truth already indexed (e.g. converted from YOLO labels); `ann_file`
+        then only names where it came from, in messages."""
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         if not self.img_folder.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.img_folder} (images of {self.ann_file})")
-        self.coco = load_coco_api(self.ann_file)
+        self.coco = coco if coco is not None else load_coco_api(self.ann_file)
         self.ids = sorted(self.coco.imgs.keys())
         self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in self.coco.dataset["categories"]}
         if num_classes is not None:

@@ -163,8 +163,12 @@ class SetCriterion(nn.Module):
                 losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
         return losses
 
-    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-        """outputs of DETR / DETRsegm; targets: labels [N] int64, boxes [N,4] normalised cxcywh, masks [N,H,W]."""
+    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]],
+                num_boxes: Optional[float] = None) -> Dict[str, Tensor]:
+        """outputs of DETR / DETRsegm; targets: labels [N] int64, boxes [N,4] normalised cxcywh, masks [N,H,W].
+
+        num_boxes: the box/mask loss normaliser; default the batch's boxes averaged over processes
+        (gradient accumulation passes the count of the whole accumulated batch)."""
         try:
             check_labels(torch.cat([t["labels"] for t in targets]), self.num_classes, "SetCriterion")
         except ValueError:
@@ -174,8 +178,10 @@ class SetCriterion(nn.Module):
         main_outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         num_groups = self.num_groups(outputs["pred_logits"].shape[1])
         indices = self._match(main_outputs, targets, num_groups)
+        if num_boxes is None:
+            num_boxes = _num_boxes(targets, outputs["pred_logits"].device)
         # Each target is matched once per group: the mean over groups divides by K * num_boxes.
-        num_boxes = _num_boxes(targets, outputs["pred_logits"].device) * num_groups
+        num_boxes = num_boxes * num_groups
         losses = self._losses(outputs, targets, indices, num_boxes, num_groups, aux=False)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             indices = self._match(aux, targets, num_groups)

@@ -48,7 +48,9 @@ def test_run_directory_layout(run):
     tmp, out = run
     names = sorted(p.name for p in out.iterdir())
     # (epoch + 1) % lr_drop == 0 after both epochs -> checkpoint0000 and checkpoint0001
-    assert names == ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth", "eval", "log.txt", "tensorboard"]
+    # checkpoint_best.pth: the first evaluation is always a new best
+    assert names == ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth", "checkpoint_best.pth", "eval",
+                     "log.txt", "tensorboard"]
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["000.pth", "latest.pth"]  # epoch % 50 == 0
     assert any((out / "tensorboard").iterdir())
 

@@ -77,7 +77,7 @@ def torchrun_run(data, tmp_path_factory):
 
 def test_rank0_alone_writes_checkpoint_and_log(torchrun_run):
     out, proc = torchrun_run
-    assert sorted(p.name for p in out.glob("*.pth")) == ["checkpoint.pth"]
+    assert sorted(p.name for p in out.glob("*.pth")) == ["checkpoint.pth", "checkpoint_best.pth"]
     lines = (out / "log.txt").read_text().splitlines()
     assert len(lines) == 1, lines  # a second writer would add a second line
     assert json.loads(lines[0])["epoch"] == 0

@@ -6,6 +6,8 @@
 - `load_checkpoint(path_or_url)`: `torch.load(weights_only=True)` with an allow-list that covers
   the original's `args` Namespace; https/file URLs go through the torch hub cache with the
   sha256 prefix of the file name checked. Anything that would need arbitrary code is refused.
+- `resume_source(resume, output_dir)`: `--resume auto` -> the folder's checkpoint.pth or a
+  fresh start; a fresh run into a folder holding a checkpoint is refused (unless --overwrite).
 - `load_model_state(model, state_dict)`: strict loading whose error lists what differs.
 - `capture_rng_state()` / `restore_rng_state(d)`: every RNG a resume needs, as tensors and plain
   types, so a checkpoint holding them still loads with `weights_only=True`.
@@ -295,6 +297,35 @@ def find_resumable(output_dir: str | os.PathLike) -> Path | None:
             "or resume from an earlier checkpointNNNN.pth with --resume"
         )
     return path
+
+
+RESUME_AUTO = "auto"
+
+
+def resume_source(resume: str, output_dir: str | os.PathLike | None, *, overwrite: bool = False,
+                  training: bool = True) -> str:
+    """What --resume means for this run: a checkpoint path/URL, or "" for a fresh start.
+
+    `--resume auto` -> output_dir's checkpoint.pth when find_resumable finds one, else "" (so
+    `torchrun --max_restarts N ... --resume auto` restarts every rank from the last epoch).
+    A fresh training run (no --resume) in a folder that already holds a checkpoint would
+    overwrite it after one epoch: refused with CheckpointError unless `overwrite`.
+    """
+    if resume == RESUME_AUTO:
+        if output_dir is None:
+            raise CheckpointError("--resume auto resumes from --output_dir's checkpoint.pth: give --output_dir")
+        found = find_resumable(output_dir)
+        return str(found) if found is not None else ""
+    if resume or not training or overwrite or output_dir is None:
+        return resume
+    existing = sorted(p.name for p in Path(output_dir).glob("checkpoint*.pth"))
+    if existing:
+        raise CheckpointError(
+            f"--output_dir {output_dir} already holds a run ({', '.join(existing)}); a fresh run would "
+            "overwrite it. Continue it with --resume auto, or give another --output_dir "
+            "(--overwrite starts afresh in this folder)"
+        )
+    return resume
 
 
 # ---------------------------------------------------------------------------------------------
