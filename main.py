@@ -323,6 +323,15 @@ def print_flags(args: argparse.Namespace) -> None:
         print(f"  {name + ':':<{width}} {value}")
 
 
+def _selection_metric(stats: dict[str, Any]) -> tuple[str, float] | None:
+    """(name, value) that checkpoint_best.pth is chosen by: PQ for panoptic runs, else box AP."""
+    if "PQ_all" in stats:
+        return "PQ", float(stats["PQ_all"]["pq"])
+    if "coco_eval_bbox" in stats:
+        return "bbox AP", float(stats["coco_eval_bbox"][0])
+    return None
+
+
 def _print_ap(stats: dict[str, Any], what: str) -> None:
     if "coco_eval_bbox" in stats:
         ap = stats["coco_eval_bbox"]
