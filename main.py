@@ -96,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
                       help="disable the auxiliary decoding losses (one per decoder layer)")
 
-    fast = parser.add_argument_group("faster convergence (training only; the inference model is the plain DETR)")
+    fast = parser.add_argument_group("faster convergence (training only: the inference model stays the plain DETR)")
     fast.add_argument("--group_detr", default=1, type=int,
                       help="Group DETR: K groups of --num_queries queries, each matched one-to-one, self-attention "
                            "inside each group; evaluation and inference use group 0 (1 = the original)")

@@ -182,7 +182,9 @@ def test_help_shows_defaults_in_the_original_groups(monkeypatch, capsys):
     text = capsys.readouterr().out
     headings = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
     assert headings == ["options", "optimisation", "model", "model: backbone", "model: transformer",
-                        "model: segmentation", "loss", "matcher (Hungarian matching costs)", "loss coefficients",
+                        "model: segmentation", "loss",
+                        "faster convergence (training only: the inference model stays the plain DETR)",
+                        "matcher (Hungarian matching costs)", "loss coefficients",
                         "dataset", "run", "distributed"]
     flat = " ".join(text.split())
     assert "--lr LR AdamW learning rate outside the backbone (default: 0.0001)" in flat
