@@ -133,7 +133,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     for group in _groups(logger.log_every(data_loader, print_freq, header, shown), grad_accum_steps):
         num_boxes = None
         if grad_accum_steps > 1:
-            num_boxes = accumulated_num_boxes([t for _, targets in group for t in targets], len(group), device)
+            group_targets = [t for _, targets in group for t in targets]
+            num_boxes = accumulated_num_boxes(group_targets, len(group), device)
         optimizer.zero_grad()
         for position, (samples, targets) in enumerate(group):
             iteration += 1
@@ -144,8 +145,13 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             with sync:
                 with autocast_context(amp, device):
                     outputs = model(samples)
-                loss_dict = (criterion(_to_float(outputs), targets) if num_boxes is None
-                             else criterion(_to_float(outputs), targets, num_boxes=num_boxes))
+                if num_boxes is None:
+                    loss_dict = criterion(_to_float(outputs), targets)
+                else:  # both normalisers of the whole accumulated batch (this process's part for the CE)
+                    class_weight = criterion.class_weight_sum(
+                        len(group_targets), sum(len(t["labels"]) for t in group_targets),
+                        outputs["pred_logits"].shape[1]) / len(group)
+                    loss_dict = criterion(_to_float(outputs), targets, num_boxes=num_boxes, class_weight=class_weight)
                 losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
                 # Averaged over processes, so every rank takes the same decision below.

@@ -79,13 +79,21 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
-    def loss_labels(self, outputs, targets, indices, num_boxes, log=True) -> Dict[str, Tensor]:
+    def loss_labels(self, outputs, targets, indices, num_boxes, log=True,
+                    class_weight: Optional[float] = None) -> Dict[str, Tensor]:
+        """Weighted cross-entropy over every query; class_weight: its normaliser, the sum of the
+        class weights of the queries (default: this batch's own, i.e. the weighted mean)."""
         logits = outputs["pred_logits"]
         idx = _src_permutation_idx(indices)
         matched_classes = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[idx] = matched_classes
-        losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)}
+        if class_weight is None:
+            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+        else:
+            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight,
+                                      reduction="sum") / class_weight
+        losses = {"loss_ce": loss_ce}
         if log:
             if matched_classes.numel() == 0:
                 losses["class_error"] = torch.tensor(100.0, device=logits.device)
@@ -144,8 +152,16 @@ class SetCriterion(nn.Module):
             return self.matcher(outputs, targets)
         return self.matcher(outputs, targets, num_groups=num_groups)
 
+    def class_weight_sum(self, num_images: int, num_boxes: int, num_rows: int) -> float:
+        """Sum of the cross-entropy class weights over `num_images` images of `num_rows` query rows
+        holding `num_boxes` targets: each target is matched once per group (weight 1), every other
+        row is no-object (weight eos_coef). Gradient accumulation normalises by the whole batch's."""
+        matched = num_boxes * self.num_groups(num_rows)
+        return self.eos_coef * (num_images * num_rows - matched) + matched
+
     def _losses(self, outputs: Dict, targets: List[Dict[str, Tensor]], indices: List[Tuple[Tensor, Tensor]],
-                num_boxes: float, num_groups: int, aux: bool) -> Dict[str, Tensor]:
+                num_boxes: float, num_groups: int, aux: bool, class_weight: Optional[float] = None
+                ) -> Dict[str, Tensor]:
         losses: Dict[str, Tensor] = {}
         for loss in self.losses:
             if loss == "masks":
@@ -156,19 +172,21 @@ class SetCriterion(nn.Module):
                 group0 = [(src[src < per_group], tgt[src < per_group]) for src, tgt in indices]
                 losses.update(self.loss_masks(outputs, targets, group0, num_boxes / num_groups))
             elif loss == "labels":
-                losses.update(self.loss_labels(outputs, targets, indices, num_boxes, log=not aux))
+                losses.update(self.loss_labels(outputs, targets, indices, num_boxes, log=not aux,
+                                               class_weight=class_weight))
             elif loss == "cardinality":
                 losses.update(self.loss_cardinality(outputs, targets, indices, num_boxes, num_groups=num_groups))
             else:
                 losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
         return losses
 
-    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]],
-                num_boxes: Optional[float] = None) -> Dict[str, Tensor]:
+    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]], num_boxes: Optional[float] = None,
+                class_weight: Optional[float] = None) -> Dict[str, Tensor]:
         """outputs of DETR / DETRsegm; targets: labels [N] int64, boxes [N,4] normalised cxcywh, masks [N,H,W].
 
-        num_boxes: the box/mask loss normaliser; default the batch's boxes averaged over processes
-        (gradient accumulation passes the count of the whole accumulated batch)."""
+        num_boxes: the box/mask loss normaliser; default the batch's boxes averaged over processes.
+        class_weight: the cross-entropy normaliser (class_weight_sum); default this batch's own.
+        Gradient accumulation passes both for the whole accumulated batch."""
         try:
             check_labels(torch.cat([t["labels"] for t in targets]), self.num_classes, "SetCriterion")
         except ValueError:
@@ -182,10 +200,10 @@ class SetCriterion(nn.Module):
             num_boxes = _num_boxes(targets, outputs["pred_logits"].device)
         # Each target is matched once per group: the mean over groups divides by K * num_boxes.
         num_boxes = num_boxes * num_groups
-        losses = self._losses(outputs, targets, indices, num_boxes, num_groups, aux=False)
+        losses = self._losses(outputs, targets, indices, num_boxes, num_groups, aux=False, class_weight=class_weight)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             indices = self._match(aux, targets, num_groups)
-            l_dict = self._losses(aux, targets, indices, num_boxes, num_groups, aux=True)
+            l_dict = self._losses(aux, targets, indices, num_boxes, num_groups, aux=True, class_weight=class_weight)
             losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
         if "dense_outputs" in outputs:  # --dense_aux: one-to-many loss of the encoder tokens
             losses.update(dense_losses(outputs["dense_outputs"], targets, self.empty_weight))

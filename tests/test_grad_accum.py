@@ -2,10 +2,11 @@
 
 What is equal, exactly: the box losses (L1, GIoU; masks likewise) are normalised by the boxes of
 the whole accumulated batch, averaged over processes (engine.accumulated_num_boxes), so they
-match one big batch whatever each micro-batch holds. The classification loss is a weighted mean
-per micro-batch (weight eos_coef on "no object", 1 elsewhere) averaged over the micro-batches,
-exactly as DDP averages it over processes: it equals the big batch's when every micro-batch holds
-the same number of boxes, or for any counts when eos_coef is 1. Up to float rounding (convolutions
+match one big batch whatever each micro-batch holds. The classification loss, a weighted mean
+(weight eos_coef on "no object", 1 elsewhere), is normalised by the class-weight sum of the whole
+accumulated batch on this process (SetCriterion.class_weight_sum), so it matches too, whatever the
+box counts. (Across processes the CE stays a per-process mean that DDP averages, as without
+accumulation.) Up to float rounding (convolutions
 sum over 1, 2 or 4 images), with dropout 0, frozen BatchNorm and images of one size (one padding).
 The DDP case (2 gloo processes) also checks that gradients are all-reduced on the last
 micro-batch only (`no_sync` before it).
@@ -95,8 +96,8 @@ def _naive_accumulation(model, criterion, batches) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("eos_coef, boxes", [(1.0, [3, 2, 1, 0]), (0.1, [2, 1, 1, 2])],
-                         ids=["eos1_unequal_counts", "eos0.1_equal_counts"])
+@pytest.mark.parametrize("eos_coef, boxes", [(1.0, [3, 2, 1, 0]), (0.1, [2, 1, 1, 2]), (0.1, [3, 2, 1, 0])],
+                         ids=["eos1_unequal_counts", "eos0.1_equal_counts", "eos0.1_unequal_counts"])
 def test_two_micro_batches_equal_one_batch(eos_coef, boxes):
     args = _args(eos_coef)
     items = _data(boxes)
