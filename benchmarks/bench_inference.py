@@ -5,9 +5,9 @@ Modes (all on the same random weights and the same input):
   original_style    eager_fp32 with torch's nn.MultiheadAttention computing attention weights, as the
                     original's transformer did (it never passed need_weights=False): the original's work
   inference_mode    the same model under torch.inference_mode()
-  fold_bn_cl        frozen BatchNorm folded into the convolutions + channels_last (models/fuse.py)
+  fold_bn_cl        models.fuse.optimize_for_inference: frozen BN folded into the convs + channels_last
   compile           fold_bn_cl through torch.compile                    (opt-in: --compile)
-  bf16_autocast     fold_bn_cl (or the plain model) under bf16 autocast; changes numbers (opt-in: --bf16)
+  bf16_autocast     fold_bn_cl under bf16 autocast; changes numbers (opt-in: --bf16)
 Prints the median latency, s/img, img/s, speed-up and the max abs difference of pred_logits and
 pred_boxes from the reference for each batch size, and writes them as JSON.
 
@@ -29,19 +29,11 @@ from detr_setup import FULL, QUICK, build_detr, random_images, with_original_att
 FP32_TOLERANCE = 1e-4
 
 
-def fused_copy(model: torch.nn.Module) -> torch.nn.Module | None:
-    """A copy of the model with BatchNorm folded and channels_last weights; None without models/fuse.py."""
-    try:
-        from models.fuse import fold_frozen_batchnorm, to_channels_last
-    except ImportError as err:
-        print(f"fold_bn_cl: skipped, models/fuse.py not usable ({err})", flush=True)
-        return None
-    fused = copy.deepcopy(model)
-    # The helpers may work in place or return a new module; accept both.
-    folded = fold_frozen_batchnorm(fused)
-    fused = folded if folded is not None else fused
-    converted = to_channels_last(fused)
-    return converted if converted is not None else fused
+def fused_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the model through models.fuse.optimize_for_inference (BN folded, channels_last)."""
+    from models.fuse import optimize_for_inference
+
+    return optimize_for_inference(copy.deepcopy(model))
 
 
 def make_runner(model: torch.nn.Module, images: torch.Tensor, grad_context, autocast_dtype=None):
@@ -82,10 +74,8 @@ def main() -> None:
     model = build_detr(shape, aux_loss=False).eval().to(device)
     original_style = with_original_attention(model).eval()
     fused = fused_copy(model)
-    if fused is not None:
-        fused = fused.eval().to(device)
     compiled = None
-    if args.compile and fused is not None:
+    if args.compile:
         compiled = torch.compile(fused)
 
     results: dict = {}
@@ -98,8 +88,7 @@ def main() -> None:
             "original_style": make_runner(original_style, images, torch.no_grad),
             "inference_mode": make_runner(model, images, torch.inference_mode),
         }
-        if fused is not None:
-            modes["fold_bn_cl"] = make_runner(fused, images_cl, torch.inference_mode)
+        modes["fold_bn_cl"] = make_runner(fused, images_cl, torch.inference_mode)
         compile_s = None
         if compiled is not None:
             modes["compile"] = make_runner(compiled, images_cl, torch.inference_mode)
@@ -109,8 +98,7 @@ def main() -> None:
             compile_s = time.perf_counter() - start
             print(f"batch {batch}: torch.compile first call {compile_s:.1f} s", flush=True)
         if args.bf16:
-            bf16_model, bf16_images = (fused, images_cl) if fused is not None else (model, images)
-            modes["bf16_autocast"] = make_runner(bf16_model, bf16_images, torch.inference_mode, torch.bfloat16)
+            modes["bf16_autocast"] = make_runner(fused, images_cl, torch.inference_mode, torch.bfloat16)
 
         times = time_alternating(modes, warmup, repeats, device)
         reference = modes["eager_fp32"].last

@@ -68,10 +68,10 @@ def test_train_step_modes_match_and_report_memory(tmp_path, run_bench):
     require("models.backbone", "models.detr", "models.position_encoding", "models.transformer", "models.matcher")
     data = run_bench("bench_train_step.py", tmp_path / "train.json", "--warmup", "0", "--repeats", "1")
     rows = data["results"]
-    assert set(rows) == {"eager_fp32", "channels_last", "fold_bn_cl"}
+    assert set(rows) == {"eager_fp32", "channels_last", "fast_train"}
     reference = rows["eager_fp32"]["first_loss"]
     assert reference > 0
-    for name in ("channels_last", "fold_bn_cl"):
+    for name in ("channels_last", "fast_train"):
         assert rows[name]["first_loss_abs_diff"] <= 1e-4 * max(1.0, abs(reference)), name
     for row in rows.values():
         assert row["median_s"] > 0
