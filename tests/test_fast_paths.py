@@ -182,3 +182,30 @@ def test_frozen_stem_and_norms_get_no_autograd_work(images):
         conv_backwards = sum(type(n).__name__ == "ConvolutionBackward0" for n in nodes)
         trainable_convs = sum(isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad for m in model.modules())
         assert conv_backwards == trainable_convs == 16  # layer2-4 (15) and input_proj
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_paths_on_cuda(images):
+    """Both entry points on the GPU, TF32 off (cuDNN convolutions default to TF32, which alone moves
+    the outputs by ~1e-3): the same tolerances as on the CPU."""
+    cudnn_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cuda_images = [image.cuda() for image in images]
+        plain = _tiny_detr(aux_loss=True).cuda().eval()
+        fast = optimize_for_inference(copy.deepcopy(plain))
+        with torch.inference_mode():
+            assert _max_diff(plain(cuda_images), fast(cuda_images)) < 1e-4
+        plain.train()
+        trained = optimize_for_training(copy.deepcopy(plain))
+        criterion = _criterion().cuda()
+        targets = [{k: v.cuda() for k, v in t.items()} for t in _targets()]
+        losses = []
+        for model in (plain, trained):
+            torch.manual_seed(3)
+            out = criterion(model(cuda_images), targets)
+            losses.append(sum(out[k] * criterion.weight_dict[k] for k in out if k in criterion.weight_dict).item())
+        assert abs(losses[0] - losses[1]) < 1e-5
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn_tf32, matmul_tf32
