@@ -3,7 +3,8 @@ main.py and the benchmarks alike:
 
 - `optimize_for_inference(model)`: eval mode, every frozen norm folded into the convolution before
   it (scaled weights plus a bias; the norm becomes an Identity), channels_last. The state_dict
-  changes: apply it after loading weights, and do not train or save the result.
+  changes: apply it after loading weights, and do not train or save the result. With
+  backend='onnxruntime' the folded model runs in ONNX Runtime instead (CPU; models/onnx_runtime.py).
 - `optimize_for_training(model)`: every FrozenBatchNorm2d after a convolution is computed inside
   that convolution, conv2d(x, W * s, b'), from the same parameters and buffers, plus channels_last.
   Same forward, same gradients (up to fp32 rounding), and the same state_dict keys and values, so
@@ -15,9 +16,14 @@ want only one of them.
 """
 from __future__ import annotations
 
+import os
+from typing import Callable
+
 import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+INFERENCE_BACKENDS = ("torch", "onnxruntime")
 
 
 def _scale_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,13 +97,28 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
-def optimize_for_inference(model: nn.Module) -> nn.Module:
-    """The fastest fp32 inference form of `model` (in place): eval mode, frozen norms folded into
-    the convolutions, channels_last. Same forward contract (images [B,3,H,W], a list of [3,H,W]
-    or a NestedTensor -> the outputs dict); outputs within ~1e-5 of the plain model. Its
-    state_dict no longer has the checkpoint's layout: load weights before, never save after."""
+def optimize_for_inference(model: nn.Module, backend: str = "torch",
+                           onnx_cache_dir: str | os.PathLike | None = None) -> nn.Module | Callable:
+    """The fastest fp32 inference form of `model`: eval mode, frozen norms folded into the
+    convolutions, channels_last (in place). Same forward contract (images [B,3,H,W], a list of
+    [3,H,W] or a NestedTensor -> the outputs dict); outputs within ~1e-5 of the plain model. Its
+    state_dict no longer has the checkpoint's layout: load weights before, never save after.
+
+    backend='onnxruntime' (CPU, detection models): the folded model exported once to
+    `onnx_cache_dir` (keyed by its weights' hash) and run by ONNX Runtime, returned as a callable
+    with the same contract giving pred_logits and pred_boxes (models/onnx_runtime.py).
+    """
+    if backend not in INFERENCE_BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(INFERENCE_BACKENDS)}")
     model.eval()
-    return to_channels_last(fold_frozen_batchnorm(model))
+    fold_frozen_batchnorm(model)
+    if backend == "onnxruntime":
+        from models.onnx_runtime import onnx_runtime_model
+
+        if onnx_cache_dir is None:
+            raise ValueError("backend='onnxruntime' needs onnx_cache_dir, where the export is cached")
+        return onnx_runtime_model(model, onnx_cache_dir)
+    return to_channels_last(model)
 
 
 class NormFoldedConv2d(nn.Conv2d):
