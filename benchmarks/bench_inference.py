@@ -6,10 +6,13 @@ Modes (all on the same random weights and the same input):
                     original's transformer did (it never passed need_weights=False): the original's work
   inference_mode    the same model under torch.inference_mode()
   fold_bn_cl        models.fuse.optimize_for_inference: frozen BN folded into the convs + channels_last
+  onnxruntime       optimize_for_inference(backend='onnxruntime'): the folded model in ONNX Runtime
+                    (CPU only; skipped on CUDA; the one-off export is timed apart)
   compile           fold_bn_cl through torch.compile                    (opt-in: --compile)
   bf16_autocast     fold_bn_cl under bf16 autocast; changes numbers (opt-in: --bf16)
-Prints the median latency, s/img, img/s, speed-up and the max abs difference of pred_logits and
-pred_boxes from the reference for each batch size, and writes them as JSON.
+Prints the median latency, s/img, img/s, GFLOP/s (FLOPs of the plain forward counted once by
+torch.utils.flop_counter), speed-up and the max abs difference of pred_logits and pred_boxes from
+the reference for each batch size, and writes them as JSON.
 
     python benchmarks/bench_inference.py                       # batch 1 and 4, 800x1066
     python benchmarks/bench_inference.py --compile --bf16 --profile
@@ -18,11 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import tempfile
 import time
 
 import torch
 
-from common import (base_parser, machine_info, max_abs_diff, median, print_machine, profile_table, setup,
+from common import (base_parser, clock, machine_info, max_abs_diff, median, print_machine, profile_table, setup,
                     sync, time_alternating, write_json)
 from detr_setup import FULL, QUICK, build_detr, random_images, with_original_attention
 
@@ -34,6 +38,17 @@ def fused_copy(model: torch.nn.Module) -> torch.nn.Module:
     from models.fuse import optimize_for_inference
 
     return optimize_for_inference(copy.deepcopy(model))
+
+
+def flop_count(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """FLOPs (2 per multiply-add) of one forward, as torch.utils.flop_counter counts them
+    (convolutions, matmuls, attention; elementwise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:  # its module tracking does not work under inference_mode
+        model(images)
+    return counter.get_total_flops()
 
 
 def make_runner(model: torch.nn.Module, images: torch.Tensor, grad_context, autocast_dtype=None):
@@ -74,6 +89,15 @@ def main() -> None:
     model = build_detr(shape, aux_loss=False).eval().to(device)
     original_style = with_original_attention(model).eval()
     fused = fused_copy(model)
+    onnx_model, export_s = None, None
+    if device.type == "cpu":
+        from models.fuse import optimize_for_inference
+
+        cache = tempfile.TemporaryDirectory()
+        start = time.perf_counter()
+        onnx_model = optimize_for_inference(copy.deepcopy(model), backend="onnxruntime", onnx_cache_dir=cache.name)
+        export_s = time.perf_counter() - start
+        print(f"onnxruntime: export + session {export_s:.1f} s", flush=True)
     compiled = None
     if args.compile:
         compiled = torch.compile(fused)
@@ -89,6 +113,9 @@ def main() -> None:
             "inference_mode": make_runner(model, images, torch.inference_mode),
         }
         modes["fold_bn_cl"] = make_runner(fused, images_cl, torch.inference_mode)
+        if onnx_model is not None:
+            modes["onnxruntime"] = make_runner(onnx_model, images, torch.inference_mode)
+        gflop = flop_count(model, images) / 1e9
         compile_s = None
         if compiled is not None:
             modes["compile"] = make_runner(compiled, images_cl, torch.inference_mode)
@@ -100,14 +127,15 @@ def main() -> None:
         if args.bf16:
             modes["bf16_autocast"] = make_runner(fused, images_cl, torch.inference_mode, torch.bfloat16)
 
-        times = time_alternating(modes, warmup, repeats, device)
+        times = time_alternating(modes, warmup, repeats, device, clock(args))
         reference = modes["eager_fp32"].last
         base = median(times["eager_fp32"])
         original = median(times["original_style"])
         rows = {}
         print(f"\nbatch {batch}, {shape.image_hw[0]}x{shape.image_hw[1]}, "
               f"median of {repeats} (warm-up {warmup}):", flush=True)
-        print(f"{'mode':16s} {'median s':>9s} {'s/img':>8s} {'img/s':>7s} {'vs eager':>8s} {'vs orig':>8s} {'max|diff|':>10s}")
+        print(f"{'mode':16s} {'median s':>9s} {'s/img':>8s} {'img/s':>7s} {'GFLOP/s':>8s} {'vs eager':>8s} "
+              f"{'vs orig':>8s} {'max|diff|':>10s}")
         for name, run in modes.items():
             m = median(times[name])
             diff = max_abs_diff(run.last, reference)
@@ -115,13 +143,16 @@ def main() -> None:
             rows[name] = {
                 "median_s": m, "s_per_img": m / batch, "img_per_s": batch / m,
                 "speedup_vs_eager_fp32": base / m, "speedup_vs_original_style": original / m,
-                "max_abs_diff": diff, "fp32": is_fp32,
+                "max_abs_diff": diff, "fp32": is_fp32, "gflop_per_call": gflop, "gflop_per_s": gflop / m,
                 "within_1e-4": diff <= FP32_TOLERANCE, "times_s": times[name],
             }
             if name == "compile":
                 rows[name]["compile_first_call_s"] = compile_s
+            if name == "onnxruntime":
+                rows[name]["export_s"] = export_s
             flag = "" if (not is_fp32 or diff <= FP32_TOLERANCE) else "  EXCEEDS 1e-4"
-            print(f"{name:16s} {m:9.3f} {m / batch:8.3f} {batch / m:7.2f} {base / m:7.2f}x {original / m:7.2f}x "
+            print(f"{name:16s} {m:9.3f} {m / batch:8.3f} {batch / m:7.2f} {gflop / m:8.1f} {base / m:7.2f}x "
+                  f"{original / m:7.2f}x "
                   f"{diff:10.2e}{flag}", flush=True)
         results[f"batch_{batch}"] = rows
         if args.profile and not profiles:
@@ -131,7 +162,8 @@ def main() -> None:
 
     write_json("inference", {
         "benchmark": "inference", "machine": info, "quick": args.quick,
-        "config": {"model": shape.__dict__, "warmup": warmup, "repeats": repeats, "batch_sizes": batch_sizes},
+        "config": {"cpu_time": args.cpu_time, "model": shape.__dict__, "warmup": warmup, "repeats": repeats,
+                   "batch_sizes": batch_sizes},
         "results": results, "profiles": profiles,
     }, args.out)
 

@@ -384,8 +384,8 @@ def training(report: Report, record: dict, args, device: torch.device, compile_:
             row["compile_s"] = first_s - per_step
         return row
 
-    modes = [("fp32 as built", False, "off", False), ("fp32 main.py default (optimize_for_training)", True, "off", False),
-             ("--amp bf16", False, "bf16", False)]
+    modes = [("fp32 as built", False, "off", False),
+             ("fp32 main.py default (optimize_for_training)", True, "off", False), ("--amp bf16", False, "bf16", False)]
     if device.type == "cuda":
         modes.append(("--amp fp16", False, "fp16", False))
     runs = [(mode, batch) for mode in modes for batch in batches]
@@ -511,7 +511,8 @@ def markdown(data: dict) -> str:
     if inference_rows:
         lines += ["", "## Inference, detr_resnet50 (random weights), 800x1066 (quick: tiny model)", ""]
         lines += _table(inference_rows, [("ms/img", "ms_per_image", 2), ("peak MiB", "peak_memory_mb", 0),
-                                         ("compile s", "compile_s", 1), ("max abs diff vs plain fp32", "max_abs_diff", 2)])
+                                         ("compile s", "compile_s", 1),
+                                         ("max abs diff vs plain fp32", "max_abs_diff", 2)])
         fastest = min((r["ms_per_image"] for k, r in inference_rows.items()
                        if k.endswith("| b1") and "ms_per_image" in r), default=None)
         if fastest is not None:

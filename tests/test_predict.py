@@ -229,7 +229,8 @@ def test_fused_and_onnxruntime_predict_what_the_plain_model_predicts(tmp_path, c
     exports = list(tmp_path.glob("detr-*.onnx"))
     assert len(exports) == 1  # next to the checkpoint, keyed by the weights' hash
     printed = capsys.readouterr().out
-    assert printed.count("exporting the model once") == 1 and printed.count(f"using the cached export {exports[0]}") == 1
+    assert printed.count("exporting the model once") == 1
+    assert printed.count(f"using the cached export {exports[0]}") == 1
 
 
 @needs_model
