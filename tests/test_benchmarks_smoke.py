@@ -54,7 +54,8 @@ def test_inference_fast_modes_match_plain_path(tmp_path, run_bench):
                      "--batch-sizes", "1,2")
     assert set(data["results"]) == {"batch_1", "batch_2"}
     for rows in data["results"].values():
-        assert {"eager_fp32", "original_style", "inference_mode", "fold_bn_cl", "onnxruntime", "bf16_autocast"} <= set(rows)
+        assert {"eager_fp32", "original_style", "inference_mode", "fold_bn_cl", "onnxruntime",
+                "bf16_autocast"} <= set(rows)
         assert rows["onnxruntime"]["export_s"] > 0 and rows["eager_fp32"]["gflop_per_s"] > 0
         assert rows["eager_fp32"]["max_abs_diff"] == 0.0
         for name, row in rows.items():
