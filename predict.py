@@ -370,15 +370,15 @@ def predict(args: argparse.Namespace, checkpoint: dict) -> dict[str, Any]:
 
     device = resolve_device(args.device)
     args.device = str(device)
+    if args.inference_backend == "onnxruntime" and (device.type != "cpu" or args.no_fuse or args.masks):
+        raise SystemExit("--inference_backend onnxruntime runs the folded box model on the CPU: use --device cpu, "
+                         "leave out --no_fuse, and keep --inference_backend torch for a --masks model")
     args.backbone_weights = "checkpoint"  # weights come from the checkpoint; nothing to download
     args.frozen_weights = None
     model, _, postprocessors = build_model(args)
     load_model_state(model, checkpoint["model"], what=str(args.resume))
     model.to(device).eval()
     if args.inference_backend == "onnxruntime":
-        if device.type != "cpu" or args.no_fuse:
-            raise SystemExit("--inference_backend onnxruntime runs the folded model on the CPU: use --device cpu "
-                             "and leave out --no_fuse")
         model = optimize_for_inference(model, backend="onnxruntime", onnx_cache_dir=onnx_cache_dir(args.resume))
     elif not args.no_fuse:  # BN folded + channels_last: ~2x on CPU for R50 (benchmarks/README.md)
         optimize_for_inference(model)

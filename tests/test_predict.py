@@ -234,6 +234,19 @@ def test_fused_and_onnxruntime_predict_what_the_plain_model_predicts(tmp_path, c
 
 
 @needs_model
+def test_onnxruntime_backend_refuses_what_it_does_not_cover(tmp_path):
+    _tiny_checkpoint(tmp_path / "box.pth")
+    _tiny_checkpoint(tmp_path / "masks.pth", ["--masks", "--hidden_dim", "128", "--nheads", "8"])
+    Image.new("RGB", (64, 48)).save(tmp_path / "one.png")
+    for checkpoint, extra in (("box.pth", ["--no_fuse"]), ("masks.pth", [])):
+        with pytest.raises(SystemExit, match="onnxruntime runs the folded box model on the CPU"):
+            predict.main(["--resume", str(tmp_path / checkpoint), "--img_dirs", str(tmp_path / "one.png"),
+                          "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+                          "--inference_backend", "onnxruntime", *extra])
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+@needs_model
 def test_aspect_ratio_groups_batch_alike_pictures_and_keep_file_order(tmp_path):
     """Landscape and portrait pictures alternate in file order; grouped batches of 2 pair equal
     shapes (no padding), so every picture gets what it gets alone (batch 1), ids in file order."""
