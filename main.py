@@ -32,7 +32,7 @@ import datasets
 from datasets.transforms import AUGMENTATIONS
 from engine import AMP_MODES, NonFiniteLossError, autocast_context, evaluate, make_grad_scaler, train_one_epoch
 from models import build_model
-from models.fuse import to_channels_last
+from models.fuse import optimize_for_inference, optimize_for_training, to_channels_last
 from util import distributed as dist_utils
 from util.checkpoint import (RESUME_AUTO, CheckpointError, adapt_for_finetune, capture_rng_state,
                              ensure_writable_dir, fit_training_only, load_checkpoint, load_model_state,
@@ -170,8 +170,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="autocast dtype for the forward pass (fp16 needs CUDA)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model for train and eval")
     run.add_argument("--channels_last", action="store_true",
-                     help="NHWC convolution weights and backbone input (same numbers to fp32 rounding; "
-                          "1.15x a CPU training step of R50, benchmarks/README.md)")
+                     help="NHWC convolution weights and backbone input (same numbers to fp32 rounding); "
+                          "part of the default fast training path, so only needed with --no_fast_train or --amp")
+    run.add_argument("--no_fast_train", action="store_true",
+                     help="train the model as built; by default (with --amp off) frozen BatchNorm is computed "
+                          "inside its convolution and tensors are channels_last (models.fuse.optimize_for_training: "
+                          "same loss to 1e-5, same checkpoint layout)")
+    run.add_argument("--fuse_eval", action="store_true",
+                     help="with --eval: fold frozen BatchNorm into the convolutions and use channels_last "
+                          "(models.fuse.optimize_for_inference; outputs within ~1e-5)")
     run.add_argument("--print_freq", default=10, type=int, help="console progress line every N iterations")
     run.add_argument("--print_all_losses", action="store_true",
                      help="progress line with every loss term (scaled, unscaled, auxiliary), as the original; "
@@ -411,7 +418,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     model, criterion, postprocessors = build_model(args)
     model.to(device)
-    if args.channels_last:
+    if not args.no_fast_train and args.amp == "off":
+        # Checked to keep the fp32 loss within 1e-5 (tests/test_fast_paths.py); under autocast the
+        # rounding differs anyway, so --amp keeps the model as built.
+        optimize_for_training(model)
+    elif args.channels_last:
         to_channels_last(model)
     model_without_ddp = model
     if args.distributed:
@@ -459,6 +470,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         ema.load_state_dict(resume_ckpt["ema"])
     del resume_ckpt, frozen_ckpt, finetune_ckpt, weights_ckpt
 
+    if args.eval and args.fuse_eval:
+        model = optimize_for_inference(model_without_ddp)  # eval only: these weights are never saved
     if args.compile:
         model = torch.compile(model)
 

@@ -19,6 +19,10 @@ line win. Images are read in the orientation their EXIF tag asks for, as RGB (gr
 palette, RGBA over white, CMYK and 16-bit pictures are converted); other files are skipped with
 a warning. The image is resized as in validation (short side 800, long side <= 1333, times the
 checkpoint's --image_scale).
+By default the model runs with frozen BatchNorm folded into the convolutions and channels_last
+(models.fuse.optimize_for_inference; `--no_fuse` runs it as built); `--inference_backend onnxruntime`
+runs that model in ONNX Runtime on the CPU instead (exported once, cached next to the checkpoint).
+With --batch_size > 1 the batches gather pictures of similar aspect ratio (`--no_group`: file order).
 `--threshold` (default 0.5) keeps detections whose score is above it, in the JSON and in the
 pictures; use `--threshold 0` to keep every query (e.g. for COCO-style evaluation). Scores are
 taken over the dataset's real categories only (when known), so no detection carries an id that
@@ -30,6 +34,7 @@ import argparse
 import colorsys
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -86,6 +91,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     prediction.add_argument("--no_fuse", action="store_true",
                             help="run the model as built: no BatchNorm folding into the convolutions and no "
                                  "channels_last (the fused model's outputs differ by fp32 rounding, ~1e-5)")
+    prediction.add_argument("--inference_backend", default="torch", choices=("torch", "onnxruntime"),
+                            help="onnxruntime (CPU, box models): the folded model exported once to ONNX, cached "
+                                 "next to the checkpoint under its weights' hash, and run by ONNX Runtime "
+                                 "(benchmarks/README.md: faster than the torch path on CPU)")
+    prediction.add_argument("--no_group", action="store_true",
+                            help="batch the pictures in file order; by default batches gather pictures of similar "
+                                 "aspect ratio (less padding; outputs are per picture, ids in file order either way)")
     parser.set_defaults(device=None, output_dir="predictions")
     return parser
 
@@ -200,6 +212,25 @@ def load_rgb(path: Path) -> PIL.Image.Image | None:
 def batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def upright_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as displayed (EXIF orientations 5-8 swap the sides), from the header only;
+    None for a file PIL cannot open."""
+    try:
+        with PIL.Image.open(path) as opened:
+            width, height = opened.size
+            orientation = opened.getexif().get(0x0112, 1)
+    except (PIL.UnidentifiedImageError, OSError, ValueError):
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def aspect_ratio_order(paths: list[Path]) -> list[int]:
+    """Indices of `paths` sorted by height / width (stable), unreadable files last: consecutive
+    batches then hold pictures of similar shape, which pad each other little."""
+    sizes = [upright_size(path) for path in paths]
+    return sorted(range(len(paths)), key=lambda i: (sizes[i] is None, sizes[i][1] / sizes[i][0] if sizes[i] else 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +396,15 @@ def coco_results(image_id: int, file_name: str, size_wh: tuple[int, int], found:
     return entries, boxes
 
 
+def onnx_cache_dir(resume: str) -> Path:
+    """Where the ONNX export of a checkpoint is cached: next to it when it is a local file in a
+    writable folder, else the torch hub cache's onnx/ folder (URLs, read-only folders)."""
+    local = Path(resume)
+    if local.is_file() and os.access(local.parent, os.W_OK):
+        return local.parent
+    return Path(torch.hub.get_dir()) / "onnx"
+
+
 def predict(args: argparse.Namespace, checkpoint: dict) -> dict[str, Any]:
     """Run the model over args.img_dirs and write OUT/predictions.json, images.json, pictures/.
 
@@ -372,53 +412,67 @@ def predict(args: argparse.Namespace, checkpoint: dict) -> dict[str, Any]:
     """
     from datasets.transforms import make_detr_transforms
     from models import build_model
-    from models.fuse import fold_frozen_batchnorm, to_channels_last
+    from models.fuse import optimize_for_inference
     from util.checkpoint import load_model_state
 
     files = list_images(args.img_dirs)  # a wrong path is reported before the model is built
     device = resolve_device(args.device)
     args.device = str(device)
+    if args.inference_backend == "onnxruntime" and (device.type != "cpu" or args.no_fuse or args.masks):
+        raise SystemExit("--inference_backend onnxruntime runs the folded box model on the CPU: use --device cpu, "
+                         "leave out --no_fuse, and keep --inference_backend torch for a --masks model")
     args.backbone_weights = "checkpoint"  # weights come from the checkpoint; nothing to download
     args.frozen_weights = None
     model, _, postprocessors = build_model(args)
     load_model_state(model, checkpoint["model"], what=str(args.resume))
     model.to(device).eval()
-    if not args.no_fuse:  # inference only: 1.7-2x on CPU for R50 (benchmarks/README.md)
-        to_channels_last(fold_frozen_batchnorm(model))
+    if args.inference_backend == "onnxruntime":
+        model = optimize_for_inference(model, backend="onnxruntime", onnx_cache_dir=onnx_cache_dir(args.resume))
+    elif not args.no_fuse:  # BN folded + channels_last: ~2x on CPU for R50 (benchmarks/README.md)
+        optimize_for_inference(model)
     names = category_names(args, checkpoint)
     valid_ids = sorted(names) if names else None
     transform = make_detr_transforms("val", image_scale=getattr(args, "image_scale", 1.0))
 
     out = Path(args.output_dir)
     (out / "pictures").mkdir(parents=True, exist_ok=True)
-    images: list[dict] = []
-    results: list[dict] = []
-    skipped: list[str] = []
+    batch_size = max(1, args.batch_size)
+    order = list(range(len(files))) if args.no_group or batch_size == 1 else aspect_ratio_order([p for p, _ in files])
+    per_file: dict[int, tuple[dict, list[dict]]] = {}  # file index -> (image entry, its detections)
+    skipped: dict[int, str] = {}
     done, start = 0, time.perf_counter()
-    for chunk in batches(files, max(1, args.batch_size)):
-        loaded = [(path, name, load_rgb(path)) for path, name in chunk]
-        skipped += [str(path) for path, _, picture in loaded if picture is None]
-        loaded = [item for item in loaded if item[2] is not None]
+    for chunk in batches(order, batch_size):
+        loaded = [(index, *files[index], load_rgb(files[index][0])) for index in chunk]
+        skipped.update({index: str(path) for index, path, _, picture in loaded if picture is None})
+        loaded = [item for item in loaded if item[3] is not None]
         if loaded:
-            tensors = [transform(picture, None)[0].to(device) for _, _, picture in loaded]
-            sizes = torch.tensor([[p.height, p.width] for _, _, p in loaded], dtype=torch.float32, device=device)
+            tensors = [transform(picture, None)[0].to(device) for *_, picture in loaded]
+            sizes = torch.tensor([[p.height, p.width] for *_, p in loaded], dtype=torch.float32, device=device)
             with torch.inference_mode():
                 outputs = model(tensors)
             found = detections(outputs, sizes, valid_ids, args.threshold)
             masks = instance_masks(postprocessors, outputs, found, sizes, tensors)
-            for index, ((path, name, picture), found_one) in enumerate(zip(loaded, found)):
-                image_id = len(images) + 1
-                images.append({"id": image_id, "file_name": name, "width": picture.width, "height": picture.height})
-                entries, boxes = coco_results(image_id, name, picture.size, found_one, names)
-                results += entries
+            for position, ((index, path, name, picture), found_one) in enumerate(zip(loaded, found)):
+                entries, boxes = coco_results(0, name, picture.size, found_one, names)  # id set below
+                per_file[index] = ({"file_name": name, "width": picture.width, "height": picture.height}, entries)
                 labels = [f"{e['category_name']} {e['score']:.2f}" for e in entries]
                 picture_out = (out / "pictures" / name).with_suffix(".png")
                 picture_out.parent.mkdir(parents=True, exist_ok=True)
                 draw_enlarged(picture, boxes, labels, [e["category_id"] for e in entries],
-                              masks[index] if masks else None, [e["score"] for e in entries]).save(picture_out)
+                              masks[position] if masks else None, [e["score"] for e in entries]).save(picture_out)
         done += len(chunk)
         elapsed = time.perf_counter() - start
         print(f"[{done}/{len(files)}] {done / max(elapsed, 1e-9):.2f} images/s", flush=True)
+    # Image ids follow the file order whatever order the batches ran in.
+    images: list[dict] = []
+    results: list[dict] = []
+    for index in sorted(per_file):
+        image, entries = per_file[index]
+        images.append({"id": len(images) + 1, **image})
+        for entry in entries:
+            entry["image_id"] = images[-1]["id"]
+        results += entries
+    skipped = [skipped[index] for index in sorted(skipped)]
     categories = [{"id": i, "name": n} for i, n in sorted(names.items())] or \
         [{"id": i, "name": str(i)} for i in sorted({r["category_id"] for r in results})]
     (out / "predictions.json").write_text(json.dumps(results))

@@ -5,11 +5,14 @@ Modes (all on the same random weights and the same input):
   original_style    eager_fp32 with torch's nn.MultiheadAttention computing attention weights, as the
                     original's transformer did (it never passed need_weights=False): the original's work
   inference_mode    the same model under torch.inference_mode()
-  fold_bn_cl        frozen BatchNorm folded into the convolutions + channels_last (models/fuse.py)
+  fold_bn_cl        models.fuse.optimize_for_inference: frozen BN folded into the convs + channels_last
+  onnxruntime       optimize_for_inference(backend='onnxruntime'): the folded model in ONNX Runtime
+                    (CPU only; skipped on CUDA; the one-off export is timed apart)
   compile           fold_bn_cl through torch.compile                    (opt-in: --compile)
-  bf16_autocast     fold_bn_cl (or the plain model) under bf16 autocast; changes numbers (opt-in: --bf16)
-Prints the median latency, s/img, img/s, speed-up and the max abs difference of pred_logits and
-pred_boxes from the reference for each batch size, and writes them as JSON.
+  bf16_autocast     fold_bn_cl under bf16 autocast; changes numbers (opt-in: --bf16)
+Prints the median latency, s/img, img/s, GFLOP/s (FLOPs of the plain forward counted once by
+torch.utils.flop_counter), speed-up and the max abs difference of pred_logits and pred_boxes from
+the reference for each batch size, and writes them as JSON.
 
     python benchmarks/bench_inference.py                       # batch 1 and 4, 800x1066
     python benchmarks/bench_inference.py --compile --bf16 --profile
@@ -18,30 +21,34 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import tempfile
 import time
 
 import torch
 
-from common import (base_parser, machine_info, max_abs_diff, median, print_machine, profile_table, setup,
+from common import (base_parser, clock, machine_info, max_abs_diff, median, print_machine, profile_table, setup,
                     sync, time_alternating, write_json)
 from detr_setup import FULL, QUICK, build_detr, random_images, with_original_attention
 
 FP32_TOLERANCE = 1e-4
 
 
-def fused_copy(model: torch.nn.Module) -> torch.nn.Module | None:
-    """A copy of the model with BatchNorm folded and channels_last weights; None without models/fuse.py."""
-    try:
-        from models.fuse import fold_frozen_batchnorm, to_channels_last
-    except ImportError as err:
-        print(f"fold_bn_cl: skipped, models/fuse.py not usable ({err})", flush=True)
-        return None
-    fused = copy.deepcopy(model)
-    # The helpers may work in place or return a new module; accept both.
-    folded = fold_frozen_batchnorm(fused)
-    fused = folded if folded is not None else fused
-    converted = to_channels_last(fused)
-    return converted if converted is not None else fused
+def fused_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the model through models.fuse.optimize_for_inference (BN folded, channels_last)."""
+    from models.fuse import optimize_for_inference
+
+    return optimize_for_inference(copy.deepcopy(model))
+
+
+def flop_count(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """FLOPs (2 per multiply-add) of one forward, as torch.utils.flop_counter counts them
+    (convolutions, matmuls, attention; elementwise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:  # its module tracking does not work under inference_mode
+        model(images)
+    return counter.get_total_flops()
 
 
 def make_runner(model: torch.nn.Module, images: torch.Tensor, grad_context, autocast_dtype=None):
@@ -82,10 +89,17 @@ def main() -> None:
     model = build_detr(shape, aux_loss=False).eval().to(device)
     original_style = with_original_attention(model).eval()
     fused = fused_copy(model)
-    if fused is not None:
-        fused = fused.eval().to(device)
+    onnx_model, export_s = None, None
+    if device.type == "cpu":
+        from models.fuse import optimize_for_inference
+
+        cache = tempfile.TemporaryDirectory()
+        start = time.perf_counter()
+        onnx_model = optimize_for_inference(copy.deepcopy(model), backend="onnxruntime", onnx_cache_dir=cache.name)
+        export_s = time.perf_counter() - start
+        print(f"onnxruntime: export + session {export_s:.1f} s", flush=True)
     compiled = None
-    if args.compile and fused is not None:
+    if args.compile:
         compiled = torch.compile(fused)
 
     results: dict = {}
@@ -98,8 +112,10 @@ def main() -> None:
             "original_style": make_runner(original_style, images, torch.no_grad),
             "inference_mode": make_runner(model, images, torch.inference_mode),
         }
-        if fused is not None:
-            modes["fold_bn_cl"] = make_runner(fused, images_cl, torch.inference_mode)
+        modes["fold_bn_cl"] = make_runner(fused, images_cl, torch.inference_mode)
+        if onnx_model is not None:
+            modes["onnxruntime"] = make_runner(onnx_model, images, torch.inference_mode)
+        gflop = flop_count(model, images) / 1e9
         compile_s = None
         if compiled is not None:
             modes["compile"] = make_runner(compiled, images_cl, torch.inference_mode)
@@ -109,17 +125,17 @@ def main() -> None:
             compile_s = time.perf_counter() - start
             print(f"batch {batch}: torch.compile first call {compile_s:.1f} s", flush=True)
         if args.bf16:
-            bf16_model, bf16_images = (fused, images_cl) if fused is not None else (model, images)
-            modes["bf16_autocast"] = make_runner(bf16_model, bf16_images, torch.inference_mode, torch.bfloat16)
+            modes["bf16_autocast"] = make_runner(fused, images_cl, torch.inference_mode, torch.bfloat16)
 
-        times = time_alternating(modes, warmup, repeats, device)
+        times = time_alternating(modes, warmup, repeats, device, clock(args))
         reference = modes["eager_fp32"].last
         base = median(times["eager_fp32"])
         original = median(times["original_style"])
         rows = {}
         print(f"\nbatch {batch}, {shape.image_hw[0]}x{shape.image_hw[1]}, "
               f"median of {repeats} (warm-up {warmup}):", flush=True)
-        print(f"{'mode':16s} {'median s':>9s} {'s/img':>8s} {'img/s':>7s} {'vs eager':>8s} {'vs orig':>8s} {'max|diff|':>10s}")
+        print(f"{'mode':16s} {'median s':>9s} {'s/img':>8s} {'img/s':>7s} {'GFLOP/s':>8s} {'vs eager':>8s} "
+              f"{'vs orig':>8s} {'max|diff|':>10s}")
         for name, run in modes.items():
             m = median(times[name])
             diff = max_abs_diff(run.last, reference)
@@ -127,13 +143,16 @@ def main() -> None:
             rows[name] = {
                 "median_s": m, "s_per_img": m / batch, "img_per_s": batch / m,
                 "speedup_vs_eager_fp32": base / m, "speedup_vs_original_style": original / m,
-                "max_abs_diff": diff, "fp32": is_fp32,
+                "max_abs_diff": diff, "fp32": is_fp32, "gflop_per_call": gflop, "gflop_per_s": gflop / m,
                 "within_1e-4": diff <= FP32_TOLERANCE, "times_s": times[name],
             }
             if name == "compile":
                 rows[name]["compile_first_call_s"] = compile_s
+            if name == "onnxruntime":
+                rows[name]["export_s"] = export_s
             flag = "" if (not is_fp32 or diff <= FP32_TOLERANCE) else "  EXCEEDS 1e-4"
-            print(f"{name:16s} {m:9.3f} {m / batch:8.3f} {batch / m:7.2f} {base / m:7.2f}x {original / m:7.2f}x "
+            print(f"{name:16s} {m:9.3f} {m / batch:8.3f} {batch / m:7.2f} {gflop / m:8.1f} {base / m:7.2f}x "
+                  f"{original / m:7.2f}x "
                   f"{diff:10.2e}{flag}", flush=True)
         results[f"batch_{batch}"] = rows
         if args.profile and not profiles:
@@ -143,7 +162,8 @@ def main() -> None:
 
     write_json("inference", {
         "benchmark": "inference", "machine": info, "quick": args.quick,
-        "config": {"model": shape.__dict__, "warmup": warmup, "repeats": repeats, "batch_sizes": batch_sizes},
+        "config": {"cpu_time": args.cpu_time, "model": shape.__dict__, "warmup": warmup, "repeats": repeats,
+                   "batch_sizes": batch_sizes},
         "results": results, "profiles": profiles,
     }, args.out)
 

@@ -3,8 +3,9 @@
 Modes (each on its own copy of the same initial weights, same images and targets):
   eager_fp32      the model as built (the reference)
   channels_last   weights and images in channels_last memory format
-  fold_bn_cl      prototype (train_fold_prototype.py): frozen BN folded into the conv weights inside
-                  the graph, plus channels_last; same parameters, same gradients up to fp32 rounding
+  fast_train      models.fuse.optimize_for_training (main.py's default): frozen BN computed inside the
+                  conv, conv2d(x, W * s, b'), plus channels_last; same parameters, same gradients up to
+                  fp32 rounding
   compile         torch.compile of the model (opt-in: --compile; slow to compile on CPU)
 Prints the median step time, speed-up, the loss of each mode's first step (same seed, so it must
 match the reference up to fp32 noise; compiled dropout draws other random numbers), and the peak
@@ -20,10 +21,10 @@ import copy
 
 import torch
 
-from common import (base_parser, machine_info, median, peak_rss_mb, print_machine, profile_table, reset_peak_rss,
-                    rss_mb, setup, time_alternating, write_json)
+from common import (base_parser, clock, machine_info, median, peak_rss_mb, print_machine, profile_table,
+                    reset_peak_rss, rss_mb, setup, time_alternating, write_json)
 from detr_setup import FULL, QUICK, build_criterion, build_detr, build_optimizer, random_images, random_targets
-from train_fold_prototype import fold_frozen_bn_for_training
+from models.fuse import optimize_for_training
 
 CLIP_MAX_NORM = 0.1
 
@@ -61,7 +62,8 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of each mode's step")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler tables of one eager_fp32 and one fast_train step")
     args = parser.parse_args()
     device = setup(args)
     shape = QUICK if args.quick else FULL
@@ -81,16 +83,13 @@ def main() -> None:
     cl_model = copy.deepcopy(base_model).to(device).to(memory_format=torch.channels_last)
     modes["channels_last"] = make_step(cl_model, criterion, images.contiguous(memory_format=torch.channels_last),
                                        targets, device)
-    fold_model = copy.deepcopy(base_model).to(device)
-    folded = fold_frozen_bn_for_training(fold_model)
-    print(f"fold_bn_cl: {folded} conv + frozen BN pairs folded", flush=True)
-    modes["fold_bn_cl"] = make_step(fold_model.to(memory_format=torch.channels_last), criterion,
-                                    images.contiguous(memory_format=torch.channels_last), targets, device)
+    modes["fast_train"] = make_step(optimize_for_training(copy.deepcopy(base_model).to(device)), criterion,
+                                    images, targets, device)
     if args.compile:
         compiled = torch.compile(copy.deepcopy(base_model).to(device))
         modes["compile"] = make_step(compiled, criterion, images, targets, device)
 
-    times = time_alternating(modes, warmup, repeats, device)
+    times = time_alternating(modes, warmup, repeats, device, clock(args))
     base = median(times["eager_fp32"])
     reference_loss = modes["eager_fp32"].record["losses"][0]
     rows = {}
@@ -114,13 +113,13 @@ def main() -> None:
 
     profiles = {}
     if args.profile:
-        for name, step in modes.items():
-            profiles[name] = profile_table(name, step, 15, device)
+        for name in ("eager_fp32", "fast_train"):
+            profiles[name] = profile_table(name, modes[name], 20, device)
 
     write_json("train_step", {
         "benchmark": "train_step", "machine": info, "quick": args.quick,
-        "config": {"model": shape.__dict__, "batch": args.batch, "warmup": warmup, "repeats": repeats,
-                   "clip_max_norm": CLIP_MAX_NORM},
+        "config": {"cpu_time": args.cpu_time, "model": shape.__dict__, "batch": args.batch, "warmup": warmup,
+                   "repeats": repeats, "clip_max_norm": CLIP_MAX_NORM},
         "results": rows, "profiles": profiles,
     }, args.out)
 

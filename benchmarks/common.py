@@ -38,7 +38,15 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per mode (median reported)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the process's CPU time instead of the wall clock: on a shared machine "
+                             "it leaves out the time other processes hold the core (use with --threads 1)")
     return parser
+
+
+def clock(args: argparse.Namespace) -> Callable[[], float]:
+    """The timer --cpu-time asks for: time.process_time, else time.perf_counter."""
+    return time.process_time if getattr(args, "cpu_time", False) else time.perf_counter
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -90,10 +98,10 @@ def sync(device: torch.device) -> None:
 
 
 def time_alternating(modes: dict[str, Callable[[], object]], warmup: int, repeats: int,
-                     device: torch.device) -> dict[str, list[float]]:
+                     device: torch.device, timer: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Run each mode `warmup` times untimed, then `repeats` rounds of one run per mode in turn.
 
-    Returns {mode: [seconds per timed run]}.
+    Returns {mode: [seconds per timed run]} as `timer` measures them (wall clock by default).
     """
     for fn in modes.values():
         for _ in range(warmup):
@@ -103,10 +111,10 @@ def time_alternating(modes: dict[str, Callable[[], object]], warmup: int, repeat
     for _ in range(repeats):
         for name, fn in modes.items():
             sync(device)
-            start = time.perf_counter()
+            start = timer()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timer() - start)
     return times
 
 

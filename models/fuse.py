@@ -1,21 +1,40 @@
-"""Speed-ups that keep the numbers (within fp32 rounding): BN folding for inference only,
-channels_last for inference and training (main.py --channels_last).
+"""Fast paths that keep the numbers (within fp32 rounding). Two entry points, used by predict.py,
+main.py and the benchmarks alike:
 
-- `fold_frozen_batchnorm(model)`: each FrozenBatchNorm2d (or eval-mode BatchNorm2d) that follows a
-  convolution becomes part of that convolution (scaled weights plus a bias), and the norm becomes an Identity. The
-  model's state_dict changes, so fold after loading weights and do not save or train the result.
-- `to_channels_last(model)`: NHWC weights and inputs for the backbone, which oneDNN / cuDNN run faster.
-Both change `model` in place and return it.
+- `optimize_for_inference(model)`: eval mode, every frozen norm folded into the convolution before
+  it (scaled weights plus a bias; the norm becomes an Identity), channels_last. The state_dict
+  changes: apply it after loading weights, and do not train or save the result. With
+  backend='onnxruntime' the folded model runs in ONNX Runtime instead (CPU; models/onnx_runtime.py).
+- `optimize_for_training(model)`: every FrozenBatchNorm2d after a convolution is computed inside
+  that convolution, conv2d(x, W * s, b'), from the same parameters and buffers, plus channels_last.
+  Same forward, same gradients (up to fp32 rounding), and the same state_dict keys and values, so
+  checkpoints keep the original's layout; trainable BatchNorm2d (--backbone_weights none) is left as is.
+Both change `model` in place and return it; they wrap whatever DETR-like model they get.
+
+The building blocks, `fold_frozen_batchnorm` and `to_channels_last`, are public for scripts that
+want only one of them.
 """
+from __future__ import annotations
+
+import os
+from typing import Callable
+
 import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+INFERENCE_BACKENDS = ("torch", "onnxruntime")
 
-def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
-    """A conv computing bn(conv(x))."""
-    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    bias = bn.bias - bn.running_mean * scale
+
+def _scale_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, b') with norm(y) = y * s + b' per channel, for a frozen (or eval-mode) BatchNorm."""
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    return scale, norm.bias - norm.running_mean * scale
+
+
+def _fold(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """A conv computing bn(conv(x)), with its own (folded) weights."""
+    scale, bias = _scale_shift(bn)
     if conv.bias is not None:
         bias = bias + conv.bias * scale
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
@@ -71,7 +90,95 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     """4-D weights in channels_last, and the backbone's input converted on the way in; returns `model`."""
     model.to(memory_format=torch.channels_last)
     for module in model.modules():
-        # The ResNet trunk inside models.backbone.BackboneBase.
-        if module.__class__.__name__ == "IntermediateLayerGetter":
+        # The ResNet trunk inside models.backbone.BackboneBase; one hook even if called twice.
+        if module.__class__.__name__ == "IntermediateLayerGetter" and not getattr(module, "_channels_last", False):
             module.register_forward_pre_hook(_channels_last_input)
+            module._channels_last = True
     return model
+
+
+def optimize_for_inference(model: nn.Module, backend: str = "torch",
+                           onnx_cache_dir: str | os.PathLike | None = None) -> nn.Module | Callable:
+    """The fastest fp32 inference form of `model`: eval mode, frozen norms folded into the
+    convolutions, channels_last (in place). Same forward contract (images [B,3,H,W], a list of
+    [3,H,W] or a NestedTensor -> the outputs dict); outputs within ~1e-5 of the plain model. Its
+    state_dict no longer has the checkpoint's layout: load weights before, never save after.
+
+    backend='onnxruntime' (CPU, detection models): the folded model exported once to
+    `onnx_cache_dir` (keyed by its weights' hash) and run by ONNX Runtime, returned as a callable
+    with the same contract giving pred_logits and pred_boxes (models/onnx_runtime.py).
+    """
+    if backend not in INFERENCE_BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(INFERENCE_BACKENDS)}")
+    model.eval()
+    fold_frozen_batchnorm(model)
+    if backend == "onnxruntime":
+        from models.onnx_runtime import onnx_runtime_model
+
+        if onnx_cache_dir is None:
+            raise ValueError("backend='onnxruntime' needs onnx_cache_dir, where the export is cached")
+        return onnx_runtime_model(model, onnx_cache_dir)
+    return to_channels_last(model)
+
+
+class NormFoldedConv2d(nn.Conv2d):
+    """conv -> FrozenBatchNorm2d computed as one convolution, conv2d(x, W * s, b'), for training.
+
+    Holds the replaced conv's own Parameter objects (so optimisers and state_dict see the same
+    tensors under the same names) and reads the norm's buffers at every call (so loading a
+    state_dict later takes effect). The norm itself stays registered where it was, as a
+    `FoldedFrozenBatchNorm2d` that passes its input through.
+    """
+
+    @classmethod
+    def taking_over(cls, conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> NormFoldedConv2d:
+        """The conv computing norm(conv(x)); `norm` is the module registered in the model after it."""
+        folded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                     device="meta")
+        folded.weight = conv.weight
+        folded.bias = conv.bias
+        # Not a submodule: its buffers keep their own state_dict names under the norm's entry.
+        folded.__dict__["norm"] = norm
+        return folded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, bias = _scale_shift(self.norm)
+        if self.bias is not None:
+            bias = bias + self.bias * scale
+        # channels_last weights stay so after the scaling (the product keeps the weight's strides)
+        return self._conv_forward(x, self.weight * scale.reshape(-1, 1, 1, 1), bias)
+
+
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A FrozenBatchNorm2d whose affine the preceding NormFoldedConv2d already applied: identity
+    forward, same buffers (same state_dict entries)."""
+
+    @classmethod
+    def taking_over(cls, norm: FrozenBatchNorm2d) -> FoldedFrozenBatchNorm2d:
+        folded = cls(norm.weight.shape[0], eps=norm.eps)
+        for name, buffer in norm.named_buffers(recurse=False):
+            folded._buffers[name] = buffer
+        return folded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def optimize_for_training(model: nn.Module) -> nn.Module:
+    """The faster training form of `model` (in place): each conv -> FrozenBatchNorm2d pair runs
+    as one NormFoldedConv2d (skipping two elementwise passes over the activation and their
+    backward), and channels_last. Parameters, buffers and state_dict keys are unchanged, so the
+    optimiser, DDP and checkpoints see the original layout; the loss equals the plain model's up to
+    fp32 rounding. Apply before building the optimiser or wrapping in DDP; deepcopy works after."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not FrozenBatchNorm2d:  # not trainable BatchNorm2d, not already folded
+                continue
+            conv_name = _conv_before(parent, name)
+            if conv_name is None or type(getattr(parent, conv_name)) is not nn.Conv2d:
+                continue
+            norm = FoldedFrozenBatchNorm2d.taking_over(child)
+            setattr(parent, conv_name, NormFoldedConv2d.taking_over(getattr(parent, conv_name), norm))
+            setattr(parent, name, norm)
+    return to_channels_last(model)

@@ -78,6 +78,7 @@ def test_fp16_on_cpu_is_refused():
         main.main(args)  # refused before any dataset or model is built
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_cuda_amp_train_step(amp):

@@ -44,7 +44,9 @@ def test_inference_fast_modes_match_plain_path(tmp_path, run_bench):
                      "--batch-sizes", "1,2")
     assert set(data["results"]) == {"batch_1", "batch_2"}
     for rows in data["results"].values():
-        assert {"eager_fp32", "original_style", "inference_mode", "fold_bn_cl", "bf16_autocast"} <= set(rows)
+        assert {"eager_fp32", "original_style", "inference_mode", "fold_bn_cl", "onnxruntime",
+                "bf16_autocast"} <= set(rows)
+        assert rows["onnxruntime"]["export_s"] > 0 and rows["eager_fp32"]["gflop_per_s"] > 0
         assert rows["eager_fp32"]["max_abs_diff"] == 0.0
         for name, row in rows.items():
             assert row["median_s"] > 0 and row["img_per_s"] > 0
@@ -57,14 +59,21 @@ def test_inference_fast_modes_match_plain_path(tmp_path, run_bench):
 def test_train_step_modes_match_and_report_memory(tmp_path, run_bench):
     data = run_bench("bench_train_step.py", tmp_path / "train.json", "--warmup", "0", "--repeats", "1")
     rows = data["results"]
-    assert set(rows) == {"eager_fp32", "channels_last", "fold_bn_cl"}
+    assert set(rows) == {"eager_fp32", "channels_last", "fast_train"}
     reference = rows["eager_fp32"]["first_loss"]
     assert reference > 0
-    for name in ("channels_last", "fold_bn_cl"):
+    for name in ("channels_last", "fast_train"):
         assert rows[name]["first_loss_abs_diff"] <= 1e-4 * max(1.0, abs(reference)), name
     for row in rows.values():
         assert row["median_s"] > 0
         assert row["peak_rss_mb"] >= row["rss_before_step_mb"] > 0
+
+
+def test_peak_measures_matmul_and_conv(tmp_path, run_bench):
+    data = run_bench("bench_peak.py", tmp_path / "peak.json", "--repeats", "1", "--warmup", "0")
+    assert set(data["results"]) == {"matmul", "conv3x3"}
+    for row in data["results"].values():
+        assert row["gflop_per_s"] == pytest.approx(row["gflop"] / row["median_s"]) and row["gflop_per_s"] > 0
 
 
 def test_data_pipeline_both_paths_measured(tmp_path, run_bench):

@@ -1,4 +1,7 @@
-"""Inference fast paths (frozen BN folded into convs, channels_last, SDPA attention) keep the outputs."""
+"""Fast paths keep the numbers: inference (frozen BN folded into convs, channels_last, SDPA attention,
+models.fuse.optimize_for_inference) within 1e-4 of the plain outputs; training
+(models.fuse.optimize_for_training) with the plain loss within 1e-5, the same gradients and the
+same state_dict; the frozen stem gets no autograd work."""
 import copy
 
 import pytest
@@ -7,18 +10,20 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from models.backbone import Backbone, Joiner
 from models.detr import DETR
-from models.fuse import fold_frozen_batchnorm, to_channels_last
+from models.criterion import SetCriterion
+from models.fuse import (FoldedFrozenBatchNorm2d, NormFoldedConv2d, fold_frozen_batchnorm, optimize_for_inference,
+                         optimize_for_training, to_channels_last)
+from models.matcher import HungarianMatcher
 from models.position_encoding import PositionEmbeddingSine
 from models.transformer import Transformer
 
 
-@pytest.fixture(scope="module")
-def model():
+def _tiny_detr(aux_loss: bool = False) -> DETR:
     torch.manual_seed(0)
     joiner = Joiner(Backbone("resnet18", True, False, False), PositionEmbeddingSine(16, normalize=True))
     transformer = Transformer(d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64,
                               return_intermediate_dec=True)
-    detr = DETR(joiner, transformer, num_classes=4, num_queries=5).eval()
+    detr = DETR(joiner, transformer, num_classes=4, num_queries=5, aux_loss=aux_loss)
     # Non-trivial frozen statistics, as pretrained weights have; identity BN would hide folding errors.
     for module in detr.modules():
         if isinstance(module, FrozenBatchNorm2d):
@@ -27,6 +32,11 @@ def model():
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
     return detr
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny_detr().eval()
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +87,125 @@ def test_attention_weights_only_when_asked(model):
     out_slow, weights = attention(q, kv, kv, need_weights=True)
     assert none is None and weights.shape == (2, 5, 12)
     assert (out_fast - out_slow).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_optimize_for_inference_equals_plain(model, images, batched):
+    fast = optimize_for_inference(copy.deepcopy(model).train())  # sets eval mode itself
+    assert not fast.training
+    inputs = torch.stack([images[0], images[0].flip(-1)]) if batched else images
+    with torch.inference_mode():
+        assert _max_diff(model(inputs), fast(inputs)) < 1e-4
+
+
+# --- training -----------------------------------------------------------------------------------
+
+def _criterion() -> SetCriterion:
+    weights = {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}
+    weights.update({f"{k}_0": v for k, v in list(weights.items())})
+    return SetCriterion(4, HungarianMatcher(1, 5, 2), weights, eos_coef=0.1, losses=["labels", "boxes", "cardinality"])
+
+
+def _targets() -> list[dict]:
+    return [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]])},
+            {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.4, 0.3, 0.5]])}]
+
+
+def _loss(model, images, criterion) -> torch.Tensor:
+    torch.manual_seed(3)  # the same dropout draws for both models
+    losses = criterion(model(images), _targets())
+    return sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+
+
+def test_optimize_for_training_keeps_loss_gradients_and_state_dict(images):
+    plain = _tiny_detr(aux_loss=True).train()
+    fast = optimize_for_training(copy.deepcopy(plain))
+    assert sum(isinstance(m, NormFoldedConv2d) for m in fast.modules()) == 20  # every resnet18 conv + norm pair
+    assert sum(isinstance(m, FoldedFrozenBatchNorm2d) for m in fast.modules()) == 20
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    criterion = _criterion()
+    loss_plain, loss_fast = _loss(plain, images, criterion), _loss(fast, images, criterion)
+    assert abs(loss_plain.item() - loss_fast.item()) < 1e-5
+    loss_plain.backward()
+    loss_fast.backward()
+    fast_params = dict(fast.named_parameters())
+    for name, p in plain.named_parameters():
+        q = fast_params[name]
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+    # One SGD step on each (Adam's first step would turn rounding-level gradients into full steps):
+    # the state_dict of the fast model loads strictly into a plain model and equals the plain one's.
+    for m in (plain, fast):
+        torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1).step()
+    reloaded = _tiny_detr(aux_loss=True)
+    reloaded.load_state_dict(fast.state_dict(), strict=True)
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_optimize_for_training_reads_loaded_weights_and_survives_deepcopy(images):
+    fast = optimize_for_training(_tiny_detr()).eval()
+    plain = _tiny_detr().eval()
+    for module in plain.modules():  # other frozen statistics than the fast model was built with
+        if isinstance(module, FrozenBatchNorm2d):
+            module.running_mean.add_(0.3)
+    fast.load_state_dict(plain.state_dict(), strict=True)
+    copied = copy.deepcopy(fast)
+    for module in copied.modules():  # changing the copy must leave the original alone
+        if isinstance(module, FrozenBatchNorm2d):
+            module.running_var.mul_(4)
+    with torch.no_grad():
+        assert _max_diff(plain(images), fast(images)) < 1e-4
+        assert _max_diff(plain(images), copied(images)) > 1e-3
+        # the inference fold composes with the training one
+        assert _max_diff(plain(images), optimize_for_inference(copy.deepcopy(fast))(images)) < 1e-4
+
+
+def test_frozen_stem_and_norms_get_no_autograd_work(images):
+    """conv1 and layer1 have frozen weights and take the image (no grad): their outputs carry no
+    graph, so backward never reaches them; every convolution backward belongs to a trainable conv."""
+    for model in (_tiny_detr(aux_loss=True).train(), optimize_for_training(_tiny_detr(aux_loss=True).train())):
+        body = model.backbone[0].body
+        seen = {}
+        for name in ("conv1", "bn1", "layer1", "layer2"):
+            getattr(body, name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: o.requires_grad}))
+        loss = _loss(model, images, _criterion())
+        assert seen == {"conv1": False, "bn1": False, "layer1": False, "layer2": True}
+        nodes, stack = set(), [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None and node not in nodes:
+                nodes.add(node)
+                stack += [next_fn for next_fn, _ in node.next_functions]
+        conv_backwards = sum(type(n).__name__ == "ConvolutionBackward0" for n in nodes)
+        trainable_convs = sum(isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad for m in model.modules())
+        assert conv_backwards == trainable_convs == 16  # layer2-4 (15) and input_proj
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_paths_on_cuda(images):
+    """Both entry points on the GPU, TF32 off (cuDNN convolutions default to TF32, which alone moves
+    the outputs by ~1e-3): the same tolerances as on the CPU."""
+    cudnn_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cuda_images = [image.cuda() for image in images]
+        plain = _tiny_detr(aux_loss=True).cuda().eval()
+        fast = optimize_for_inference(copy.deepcopy(plain))
+        with torch.inference_mode():
+            assert _max_diff(plain(cuda_images), fast(cuda_images)) < 1e-4
+        plain.train()
+        trained = optimize_for_training(copy.deepcopy(plain))
+        criterion = _criterion().cuda()
+        targets = [{k: v.cuda() for k, v in t.items()} for t in _targets()]
+        losses = []
+        for model in (plain, trained):
+            torch.manual_seed(3)
+            out = criterion(model(cuda_images), targets)
+            losses.append(sum(out[k] * criterion.weight_dict[k] for k in out if k in criterion.weight_dict).item())
+        assert abs(losses[0] - losses[1]) < 1e-5
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn_tf32, matmul_tf32

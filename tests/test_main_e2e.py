@@ -217,14 +217,47 @@ def test_two_stage_panoptic_box_model_then_frozen_mask_head(tmp_path):
     assert len(predictions["annotations"]) == 2 and len(pngs) == 2
 
 
-def test_channels_last_training_matches_the_plain_run(tmp_path):
+def _frozen_norm_backbone_file(path):
+    """A resnet18 state dict with non-trivial BatchNorm statistics: loaded by path, its norms are frozen."""
+    import torchvision
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18()
+    for module in resnet.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.running_mean.uniform_(-0.3, 0.3)
+            module.running_var.uniform_(0.5, 2.0)
+    torch.save(resnet.state_dict(), path)
+    return path
+
+
+def test_fast_training_default_matches_the_plain_run(tmp_path):
+    """The default (models.fuse.optimize_for_training: frozen BN inside the conv, channels_last)
+    against --no_fast_train and --channels_last alone: same first loss to 1e-5 (one step: 2 images,
+    batch 2), and a checkpoint that loads strictly into the model as built."""
+    weights = _frozen_norm_backbone_file(tmp_path / "resnet18.pth")
     runs = {}
-    for name, extra in (("plain", []), ("channels_last", ["--channels_last"])):
+    for name, extra in (("plain", ["--no_fast_train"]), ("channels_last", ["--no_fast_train", "--channels_last"]),
+                        ("fast", [])):
         out = tmp_path / name
-        main.main(_args("--data_path", str(tmp_path / "shapes"), "--epochs", "1", "--output_dir", str(out), *extra))
-        runs[name] = (_log(out)[0], load_checkpoint(out / "checkpoint.pth")["model"])
-    (plain_log, plain), (fast_log, fast) = runs["plain"], runs["channels_last"]
-    assert fast_log["train_loss"] == pytest.approx(plain_log["train_loss"], rel=1e-5)
-    assert fast["backbone.0.body.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
-    for name, tensor in plain.items():
-        assert torch.allclose(fast[name].float(), tensor.float(), atol=1e-4), name
+        main.main(_args("--data_path", str(tmp_path / "shapes"), "--epochs", "1", "--output_dir", str(out),
+                        "--backbone_weights", str(weights), "--shapes_train_size", "2", *extra))
+        runs[name] = (_log(out)[0], load_checkpoint(out / "checkpoint.pth"))
+    plain_log, plain = runs["plain"][0], runs["plain"][1]["model"]
+    for name in ("channels_last", "fast"):
+        fast_log, checkpoint = runs[name]
+        fast = checkpoint["model"]
+        assert abs(fast_log["train_loss"] - plain_log["train_loss"]) < 1e-5, name
+        assert fast["backbone.0.body.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+        assert list(fast) == list(plain)
+        for key, tensor in plain.items():
+            assert torch.allclose(fast[key].float(), tensor.float(), atol=1e-4), key
+        model, _, _ = build_model(checkpoint["args"])  # plain layout: strict load of the fast run's weights
+        model.load_state_dict(fast, strict=True)
+    stats = {}
+    for name, extra in (("plain", []), ("fused", ["--fuse_eval"])):
+        stats[name] = main.main(_args("--data_path", str(tmp_path / "shapes"), "--shapes_train_size", "2", "--eval",
+                                      "--resume", str(tmp_path / "fast" / "checkpoint.pth"), *extra))
+    assert stats["fused"]["loss"] == pytest.approx(stats["plain"]["loss"], rel=1e-4)
+    assert stats["fused"]["coco_eval_bbox"] == pytest.approx(stats["plain"]["coco_eval_bbox"], abs=1e-3)

@@ -191,22 +191,69 @@ def test_predict_folder_end_to_end(tmp_path, recwarn):
     assert not (out / "pictures" / "pics" / "readme.png").exists()
 
 
-def test_fused_model_predicts_what_the_plain_model_predicts(tmp_path):
+def _same_detections(found: list[dict], reference: list[dict]) -> None:
+    """Equal up to fp32 rounding (scores are written with 5 decimals, boxes with 2)."""
+    assert len(found) == len(reference)
+    for a, b in zip(found, reference):
+        assert (a["image_id"], a["file_name"], a["category_id"]) == (b["image_id"], b["file_name"], b["category_id"])
+        assert abs(a["score"] - b["score"]) <= 1e-4
+        assert np.allclose(a["bbox"], b["bbox"], atol=0.02)
+
+
+def test_fused_and_onnxruntime_predict_what_the_plain_model_predicts(tmp_path, capsys):
     """predict.py folds the (eval-mode) BatchNorm into the convolutions and uses channels_last by
-    default; --no_fuse runs the model as built. Same detections up to fp32 rounding."""
+    default; --no_fuse runs the model as built; --inference_backend onnxruntime exports the folded
+    model once next to the checkpoint and reuses the file. Same detections up to fp32 rounding."""
     _tiny_checkpoint(tmp_path / "ckpt.pth")
     folder = _picture_folder(tmp_path)
     found = {}
-    for mode, extra in (("fused", []), ("plain", ["--no_fuse"])):
+    for mode, extra in (("fused", []), ("plain", ["--no_fuse"]), ("ort", ["--inference_backend", "onnxruntime"]),
+                        ("ort_cached", ["--inference_backend", "onnxruntime"])):
         with pytest.warns(UserWarning, match="readme.txt: not a readable picture"):
             predict.main(["--resume", str(tmp_path / "ckpt.pth"), "--img_dirs", str(folder), "--output_dir",
-                          str(tmp_path / mode), "--threshold", "0", "--device", "cpu", *extra])
+                          str(tmp_path / mode), "--threshold", "0", "--device", "cpu", "--batch_size", "2", *extra])
         found[mode] = json.loads((tmp_path / mode / "predictions.json").read_text())
-    assert len(found["fused"]) == len(found["plain"]) == 4 * 10
-    for a, b in zip(found["fused"], found["plain"]):
-        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
-        assert abs(a["score"] - b["score"]) <= 1e-4
-        assert np.allclose(a["bbox"], b["bbox"], atol=0.02)
+    assert len(found["plain"]) == 4 * 10
+    for mode in ("fused", "ort", "ort_cached"):
+        _same_detections(found[mode], found["plain"])
+    exports = list(tmp_path.glob("detr-*.onnx"))
+    assert len(exports) == 1  # next to the checkpoint, keyed by the weights' hash
+    printed = capsys.readouterr().out
+    assert printed.count("exporting the model once") == 1
+    assert printed.count(f"using the cached export {exports[0]}") == 1
+
+
+def test_onnxruntime_backend_refuses_what_it_does_not_cover(tmp_path):
+    _tiny_checkpoint(tmp_path / "box.pth")
+    _tiny_checkpoint(tmp_path / "masks.pth", ["--masks", "--hidden_dim", "128", "--nheads", "8"])
+    Image.new("RGB", (64, 48)).save(tmp_path / "one.png")
+    for checkpoint, extra in (("box.pth", ["--no_fuse"]), ("masks.pth", [])):
+        with pytest.raises(SystemExit, match="onnxruntime runs the folded box model on the CPU"):
+            predict.main(["--resume", str(tmp_path / checkpoint), "--img_dirs", str(tmp_path / "one.png"),
+                          "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+                          "--inference_backend", "onnxruntime", *extra])
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_aspect_ratio_groups_batch_alike_pictures_and_keep_file_order(tmp_path):
+    """Landscape and portrait pictures alternate in file order; grouped batches of 2 pair equal
+    shapes (no padding), so every picture gets what it gets alone (batch 1), ids in file order."""
+    _tiny_checkpoint(tmp_path / "ckpt.pth")
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate([(60, 100), (100, 60), (60, 100), (100, 60)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    _exif_rotated(tmp_path / "rotated.jpg")  # stored 20x40, displayed 40x20: the widest
+    assert predict.aspect_ratio_order([*sorted(folder.iterdir()), tmp_path / "rotated.jpg"]) == [4, 0, 2, 1, 3]
+    found = {}
+    for mode, extra in (("alone", ["--batch_size", "1"]), ("grouped", ["--batch_size", "2"])):
+        predict.main(["--resume", str(tmp_path / "ckpt.pth"), "--img_dirs", str(folder), "--output_dir",
+                      str(tmp_path / mode), "--threshold", "0", "--device", "cpu", *extra])
+        found[mode] = json.loads((tmp_path / mode / "predictions.json").read_text())
+        images = json.loads((tmp_path / mode / "images.json").read_text())["images"]
+        assert [im["file_name"] for im in images] == [f"pics/{i}.png" for i in range(4)]
+    _same_detections(found["grouped"], found["alone"])
 
 
 def test_explicit_shape_flag_wins_and_a_wrong_one_is_a_clear_error(tmp_path):
