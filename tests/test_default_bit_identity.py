@@ -13,7 +13,6 @@ Regenerate (only when a change is *meant* to alter default numbers): `python tes
 """
 import hashlib
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import main  # noqa: E402
+from benchmarks.common import cpu_model  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "data" / "default_run_digest.json"
@@ -36,18 +36,8 @@ TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", 
         "--eval_every", "0", "--no_fast_train"]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine() -> dict:
-    return {"cpu": _cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+    return {"cpu": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
 def _digest(state: dict, prefix: str = "") -> dict:
