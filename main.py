@@ -107,8 +107,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     fast.add_argument("--group_detr", default=1, type=int,
                       help="Group DETR: K groups of --num_queries queries, each matched one-to-one, self-attention "
                            "inside each group; evaluation and inference use group 0 (1 = the original)")
-    fast.add_argument("--dense_aux", default=0.0, type=float,
-                      help="weight of a dense one-to-many loss on the encoder tokens (models/dense_aux.py; 0 = off)")
     fast.add_argument("--ema", default=0.0, type=float,
                       help="decay of an exponential moving average of the weights (e.g. 0.999; 0 = off): evaluated "
                            "beside the raw weights (test_ema_* in log.txt), saved as checkpoint_ema.pth")

@@ -7,7 +7,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss as _tv_sigmoid_focal_loss
 
-from models.dense_aux import dense_losses
 from models.matcher import check_labels
 from util.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from util.nested_tensor import nested_tensor_from_tensor_list
@@ -205,8 +204,6 @@ class SetCriterion(nn.Module):
             indices = self._match(aux, targets, num_groups)
             l_dict = self._losses(aux, targets, indices, num_boxes, num_groups, aux=True, class_weight=class_weight)
             losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
-        if "dense_outputs" in outputs:  # --dense_aux: one-to-many loss of the encoder tokens
-            losses.update(dense_losses(outputs["dense_outputs"], targets, self.empty_weight))
         return losses
 
 

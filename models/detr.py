@@ -7,7 +7,6 @@ from torch import Tensor, nn
 
 from models.backbone import build_backbone
 from models.criterion import SetCriterion
-from models.dense_aux import DenseAuxHead, dense_weights
 from models.matcher import build_matcher
 from models.transformer import build_transformer
 from util.box_ops import box_cxcywh_to_xyxy
@@ -55,7 +54,7 @@ class DETR(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int,
-                 aux_loss: bool = False, group_detr: int = 1, dense_aux: bool = False):
+                 aux_loss: bool = False, group_detr: int = 1):
         super().__init__()
         if group_detr < 1:
             raise ValueError(f"--group_detr must be at least 1 (1 = the original DETR), got {group_detr}")
@@ -72,9 +71,6 @@ class DETR(nn.Module):
         if group_detr > 1:
             # Created last, so every other tensor's initialisation is the same as with K=1.
             self.group_query_embed = nn.Embedding((group_detr - 1) * num_queries, hidden_dim)
-        self.dense_aux = dense_aux
-        if dense_aux:  # training only, like the groups: see models/dense_aux.py
-            self.dense_aux_head = DenseAuxHead(hidden_dim, num_classes)
 
     def query_groups(self) -> Tuple[Tensor, int]:
         """(queries [G*Q, d], G): every group while training with group_detr > 1, else group 0 alone."""
@@ -93,20 +89,13 @@ class DETR(nn.Module):
         src, mask = features[-1].decompose()
         assert mask is not None
         queries, num_groups = self.query_groups()
-        hs, memory = self.transformer(self.input_proj(src), mask, queries, pos[-1], num_groups)
+        hs = self.transformer(self.input_proj(src), mask, queries, pos[-1], num_groups)[0]
         outputs_class = self.class_embed(hs)
         outputs_coord = self.bbox_embed(hs).sigmoid()
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
-        if self.training and self.dense_aux:
-            out["dense_outputs"] = self._dense_outputs(memory, mask)
         return out
-
-    # Unannotated for TorchScript, as _set_aux_loss; training only.
-    @torch.jit.unused
-    def _dense_outputs(self, memory: Tensor, mask: Tensor):
-        return self.dense_aux_head(memory, mask)
 
     # No return annotation on purpose: TorchScript then types this unused method as returning a
     # Tensor, which fits `out`'s Dict[str, Tensor]; scripted models run with aux_loss=False.
@@ -174,17 +163,12 @@ def build(args):
     if getattr(args, "frozen_weights", None) is not None and not args.masks:
         raise ValueError("--frozen_weights trains only the mask head: add --masks")
     group_detr = getattr(args, "group_detr", 1)
-    dense_aux = getattr(args, "dense_aux", 0.0)
     model = DETR(build_backbone(args), build_transformer(args), num_classes=num_classes,
-                 num_queries=args.num_queries, aux_loss=args.aux_loss, group_detr=group_detr,
-                 dense_aux=dense_aux > 0)
+                 num_queries=args.num_queries, aux_loss=args.aux_loss, group_detr=group_detr)
     if args.masks:
         model = DETRsegm(model, freeze_detr=getattr(args, "frozen_weights", None) is not None)
     losses = ["labels", "boxes", "cardinality"] + (["masks"] if args.masks else [])
-    weight_dict = _weight_dict(args)
-    if dense_aux > 0:
-        weight_dict.update(dense_weights(dense_aux, args.bbox_loss_coef, args.giou_loss_coef))
-    criterion = SetCriterion(num_classes, matcher=build_matcher(args), weight_dict=weight_dict,
+    criterion = SetCriterion(num_classes, matcher=build_matcher(args), weight_dict=_weight_dict(args),
                              eos_coef=args.eos_coef, losses=losses,
                              mask_loss_on_padding=getattr(args, "mask_loss_on_padding", False),
                              num_queries=args.num_queries, group_detr=group_detr)

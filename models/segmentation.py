@@ -60,8 +60,6 @@ class DETRsegm(nn.Module):
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.detr.aux_loss:
             out["aux_outputs"] = self.detr._set_aux_loss(outputs_class, outputs_coord)
-        if self.training and self.detr.dense_aux:
-            out["dense_outputs"] = self.detr._dense_outputs(memory, mask)
         # Masks for group 0 only (Group DETR's extra groups train the box model; see SetCriterion).
         bbox_mask = self.bbox_attention(hs[-1][:, :self.detr.num_queries], memory, mask=mask)
         seg_masks = self.mask_head(src_proj, bbox_mask, [features[2].tensors, features[1].tensors, features[0].tensors])

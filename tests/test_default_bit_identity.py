@@ -1,5 +1,5 @@
-"""With every convergence flag at its default (--group_detr 1, no EMA, no dense head, step
-schedule), training is bit-identical to the code before those flags existed.
+"""With every convergence flag at its default (--group_detr 1, no EMA, step schedule), training is
+bit-identical to the code before those flags existed.
 
 The run uses --no_fast_train: the default fast training path (models.fuse.optimize_for_training:
 frozen BatchNorm inside its convolution, channels_last) is another summation order by design and

@@ -371,7 +371,6 @@ def _hints(missing: list[str], unexpected: list[str], shapes: dict[str, tuple[li
 # Tensors that only training uses, by top-level module name (under `detr.` in a mask model).
 TRAINING_ONLY = {
     "group_query_embed": "the extra query groups of --group_detr (the model uses group 0, query_embed)",
-    "dense_aux_head": "the dense encoder head of --dense_aux",
 }
 
 
@@ -386,8 +385,7 @@ def fit_training_only(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
     """Reconcile the training-only tensors (TRAINING_ONLY) between a checkpoint and `model`.
 
     A checkpoint trained with --group_detr K > 1 holds `group_query_embed.weight` [(K-1)*Q, d],
-    one trained with --dense_aux holds `dense_aux_head.*`; neither is used at inference. A model
-    built without them (hub, predict.py, --eval, export, --finetune) leaves them out with a
+    which inference does not use. A model built without it (hub, predict.py, --eval, export, --finetune) leaves them out with a
     one-line note per kind; a model with them keeps its fresh ones when the checkpoint has none.
     Everything else is returned unchanged (a K mismatch is then a shape difference).
     """
@@ -411,7 +409,7 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     """Load `state_dict` into `model` strictly; on any difference raise CheckpointError listing it.
 
     `what` names the source in the message (e.g. "checkpoint runs/a/checkpoint.pth"). Training-only
-    tensors (Group DETR's extra queries, the dense head) are reconciled by fit_training_only. BatchNorm
+    tensors (Group DETR's extra queries) are reconciled by fit_training_only. BatchNorm
     `num_batches_tracked` counters are the other tolerated difference (absent from some exports,
     never used by DETR's frozen BatchNorm): missing ones keep the model's value, extra ones are dropped.
     """
