@@ -100,8 +100,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     optimizer: torch.optim.Optimizer, device: torch.device | str, epoch: int,
                     max_norm: float = 0, *, amp: str = "off", scaler: torch.amp.GradScaler | None = None,
                     print_freq: int = 10, tb_writer: Any = None, tb_freq: int = 50,
-                    ema: Any = None, print_all: bool = False, grad_accum_steps: int = 1,
-                    lr_scheduler: Any = None) -> dict[str, float]:
+                    ema: Any = None, print_all: bool = False, grad_accum_steps: int = 1) -> dict[str, float]:
     """Train `model` for one pass over `data_loader` ((NestedTensor, targets) batches).
 
     amp: 'off' | 'bf16' | 'fp16' autocast for the forward pass (the loss is computed in fp32);
@@ -112,7 +111,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     and iteration numbers count micro-batches.
     tb_writer (util.tensorboard.TensorboardWriter) receives the loss every `tb_freq` iterations
     at step epoch * len(data_loader) + iteration. ema (util.ema.ModelEMA) is updated after every
-    optimizer step, and so is lr_scheduler when given (per-iteration schedules). print_all: every loss term on the console progress line, not only PROGRESS_METERS.
+    optimizer step. print_all: every loss term on the console progress line, not only PROGRESS_METERS.
     Returns {stat: epoch average}. Raises NonFiniteLossError (epoch, iteration, each loss term,
     the batch's image ids) before the step that would have used a NaN/inf loss.
     """
@@ -191,8 +190,6 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             if max_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             optimizer.step()
-        if lr_scheduler is not None:  # a per-iteration schedule (--lr_schedule cosine)
-            lr_scheduler.step()
         if ema is not None:
             ema.update()
 

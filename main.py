@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -59,12 +58,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
     optim.add_argument("--epochs", default=300, type=int, help="total epochs")
     optim.add_argument("--lr_drop", default=200, type=int, help="StepLR step size in epochs (lr x0.1)")
-    optim.add_argument("--lr_schedule", default="step", choices=("step", "cosine"),
-                       help="step: StepLR, x0.1 every --lr_drop epochs (the original); cosine: per-iteration "
-                            "cosine decay to 0 over --epochs, after --warmup_epochs of linear warm-up")
-    optim.add_argument("--warmup_epochs", default=0.0, type=float,
-                       help="linear learning-rate warm-up at the start of --lr_schedule cosine (epochs, may be "
-                            "fractional)")
     optim.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm; 0 disables")
 
     model = parser.add_argument_group("model")
@@ -335,25 +328,6 @@ def print_flags(args: argparse.Namespace) -> None:
         print(f"  {name + ':':<{width}} {value}")
 
 
-def _make_lr_scheduler(args, optimizer: torch.optim.Optimizer,
-                       steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """--lr_schedule step: StepLR stepped once per epoch (the original). cosine: a LambdaLR stepped
-    after every optimizer step: linear warm-up over --warmup_epochs, then cosine decay to 0 at the
-    end of --epochs (a short schedule ends at a low learning rate instead of one abrupt drop)."""
-    if args.lr_schedule == "step":
-        if args.warmup_epochs > 0:
-            raise ValueError("--warmup_epochs needs --lr_schedule cosine (the step schedule is the original's)")
-        return torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-    total = max(1, args.epochs * steps_per_epoch)
-    warmup = args.warmup_epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        return ramp * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def _selection_metric(stats: dict[str, Any]) -> tuple[str, float] | None:
     """(name, value) that checkpoint_best.pth is chosen by: PQ for panoptic runs, else box AP."""
     if "PQ_all" in stats:
@@ -439,7 +413,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     scaler = make_grad_scaler(args.amp, device)
 
     sampler_train, loader_train, loader_val = _make_loaders(args, dataset_train, dataset_val)
-    lr_scheduler = _make_lr_scheduler(args, optimizer, steps_per_epoch=math.ceil(len(loader_train) / args.grad_accum_steps))
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     base_ds = datasets.evaluation_ground_truth(args, dataset_val)
 
     if frozen_ckpt is not None:
@@ -496,10 +470,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                       amp=args.amp, scaler=scaler, print_freq=args.print_freq,
                                       tb_writer=tb_writer, tb_freq=args.tb_freq, ema=ema,
-                                      print_all=args.print_all_losses, grad_accum_steps=args.grad_accum_steps,
-                                      lr_scheduler=lr_scheduler if args.lr_schedule == "cosine" else None)
-        if args.lr_schedule == "step":
-            lr_scheduler.step()
+                                      print_all=args.print_all_losses, grad_accum_steps=args.grad_accum_steps)
+        lr_scheduler.step()
 
         epoch_test_stats, coco_evaluator = {}, None
         last = epoch == args.epochs - 1

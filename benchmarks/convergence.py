@@ -26,11 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 COMMON = ("--dataset_file shapes --device cpu --backbone resnet18 --backbone_weights none --hidden_dim 128 "
-          "--enc_layers 2 --dec_layers 2 --dim_feedforward 256 --num_queries 10 --dropout 0 --lr_backbone 1e-4 "
-          "--augment flip --image_scale 0.16 --shapes_train_size 512 --batch_size 4")
+          "--enc_layers 2 --dec_layers 2 --dim_feedforward 256 --num_queries 10 --dropout 0")
+DATA = "--augment flip --image_scale 0.16 --shapes_train_size 512 --batch_size 4"
 RECIPES = {
-    "plain": f"{COMMON} --epochs 24 --lr_drop 18 --print_freq 128 --output_dir outputs/demo",
-    "fast": f"{COMMON} --epochs 12 --lr_drop 9 --group_detr 10 --ema 0.99 --print_freq 128 --output_dir outputs/demo_fast",
+    "plain": f"{COMMON} --lr_backbone 1e-4 {DATA} --epochs 24 --lr_drop 18 --print_freq 128 --output_dir outputs/demo",
+    "fast": f"{COMMON} --lr 2e-4 --lr_backbone 2e-4 {DATA} --epochs 12 --lr_drop 9 --group_detr 10 --ema 0.995 "
+            "--print_freq 128 --output_dir outputs/demo_fast",
 }
 
 

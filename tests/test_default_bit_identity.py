@@ -1,4 +1,4 @@
-"""With every convergence flag at its default (--group_detr 1, no EMA, step schedule), training is
+"""With every convergence flag at its default (--group_detr 1, no EMA), training is
 bit-identical to the code before those flags existed.
 
 The run uses --no_fast_train: the default fast training path (models.fuse.optimize_for_training:
