@@ -67,7 +67,8 @@ def test_preempted_job_requeues_and_resumes_from_saved_epoch(tmp_path, monkeypat
     job.results()  # raises if a task of the requeued job failed
 
     stdout = job.task(0).stdout()
-    assert f"Requeuing; resume from {checkpoint}" in stdout
+    assert "Requeuing with --resume auto" in stdout  # the requeue resumes through main.py's --resume auto
+    assert f"--resume auto: resuming from {checkpoint}" in stdout
     assert stdout.count("Start training") == 2  # the first run and the requeued one
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "log.txt").read_text().splitlines()]
     assert epochs == list(range(EPOCHS))
