@@ -134,6 +134,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         if grad_accum_steps > 1:
             group_targets = [t for _, targets in group for t in targets]
             num_boxes = accumulated_num_boxes(group_targets, len(group), device)
+            group_boxes = sum(len(t["labels"]) for t in group_targets)  # this process's, for the CE
         optimizer.zero_grad()
         for position, (samples, targets) in enumerate(group):
             iteration += 1
@@ -148,8 +149,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     loss_dict = criterion(_to_float(outputs), targets)
                 else:  # both normalisers of the whole accumulated batch (this process's part for the CE)
                     class_weight = criterion.class_weight_sum(
-                        len(group_targets), sum(len(t["labels"]) for t in group_targets),
-                        outputs["pred_logits"].shape[1]) / len(group)
+                        len(group_targets), group_boxes, outputs["pred_logits"].shape[1]) / len(group)
                     loss_dict = criterion(_to_float(outputs), targets, num_boxes=num_boxes, class_weight=class_weight)
                 losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 

@@ -146,17 +146,18 @@ class SetCriterion(nn.Module):
         raise ValueError(f"SetCriterion: outputs have {num_rows} queries; expected {self.num_queries} "
                          f"(one group) or {self.group_detr} x {self.num_queries} (--group_detr {self.group_detr})")
 
-    def _match(self, outputs: Dict, targets: List[Dict[str, Tensor]], num_groups: int) -> List[Tuple[Tensor, Tensor]]:
-        if num_groups == 1:
-            return self.matcher(outputs, targets)
-        return self.matcher(outputs, targets, num_groups=num_groups)
-
     def class_weight_sum(self, num_images: int, num_boxes: int, num_rows: int) -> float:
         """Sum of the cross-entropy class weights over `num_images` images of `num_rows` query rows
         holding `num_boxes` targets: each target is matched once per group (weight 1), every other
         row is no-object (weight eos_coef). Gradient accumulation normalises by the whole batch's."""
         matched = num_boxes * self.num_groups(num_rows)
         return self.eos_coef * (num_images * num_rows - matched) + matched
+
+    def _match(self, outputs: Dict, targets: List[Dict[str, Tensor]], num_groups: int) -> List[Tuple[Tensor, Tensor]]:
+        # A matcher with the original's forward(outputs, targets) signature keeps working without groups.
+        if num_groups == 1:
+            return self.matcher(outputs, targets)
+        return self.matcher(outputs, targets, num_groups=num_groups)
 
     def _losses(self, outputs: Dict, targets: List[Dict[str, Tensor]], indices: List[Tuple[Tensor, Tensor]],
                 num_boxes: float, num_groups: int, aux: bool, class_weight: Optional[float] = None

@@ -86,12 +86,9 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty.clone()))
                 continue
             costs = block.view(num_queries, num_targets).numpy()
-            if num_groups == 1:
-                rows, cols = linear_sum_assignment(costs)
-            else:
-                pairs = [linear_sum_assignment(costs[g * per_group:(g + 1) * per_group]) for g in range(num_groups)]
-                rows = np.concatenate([r + g * per_group for g, (r, _) in enumerate(pairs)])
-                cols = np.concatenate([c for _, c in pairs])
+            pairs = [linear_sum_assignment(costs[g * per_group:(g + 1) * per_group]) for g in range(num_groups)]
+            rows = np.concatenate([r + g * per_group for g, (r, _) in enumerate(pairs)])
+            cols = np.concatenate([c for _, c in pairs])
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
 

@@ -369,39 +369,28 @@ def _hints(missing: list[str], unexpected: list[str], shapes: dict[str, tuple[li
 
 
 # Tensors that only training uses, by top-level module name (under `detr.` in a mask model).
-TRAINING_ONLY = {
-    "group_query_embed": "the extra query groups of --group_detr (the model uses group 0, query_embed)",
-}
-
-
-def _training_only_kind(key: str) -> str | None:
-    parts = key.split(".")
-    head = parts[1] if parts[0] == "detr" and len(parts) > 1 else parts[0]
-    return head if head in TRAINING_ONLY else None
+GROUP_QUERIES = "group_query_embed.weight"  # Group DETR's training-only query groups 1..K-1
 
 
 def fit_training_only(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
                       what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Reconcile the training-only tensors (TRAINING_ONLY) between a checkpoint and `model`.
+    """Reconcile Group DETR's training-only queries between a checkpoint and `model`.
 
-    A checkpoint trained with --group_detr K > 1 holds `group_query_embed.weight` [(K-1)*Q, d],
-    which inference does not use. A model built without it (hub, predict.py, --eval, export, --finetune) leaves them out with a
-    one-line note per kind; a model with them keeps its fresh ones when the checkpoint has none.
-    Everything else is returned unchanged (a K mismatch is then a shape difference).
+    A checkpoint trained with --group_detr K > 1 holds `group_query_embed.weight` [(K-1)*Q, d]
+    (under `detr.` in a mask model), which inference does not use. A model built without it (hub,
+    predict.py, --eval, export, --finetune) leaves it out with a one-line note; a model with it
+    keeps its fresh one when the checkpoint has none. Everything else is returned unchanged (a K
+    mismatch is then a shape difference).
     """
     expected = model.state_dict()
     sd = dict(state_dict)
-    dropped: dict[str, list[str]] = {}
-    for key in [k for k in sd if k not in expected and _training_only_kind(k)]:
-        dropped.setdefault(_training_only_kind(key), []).append(key)
+    for key in [k for k in sd if k.endswith(GROUP_QUERIES) and k not in expected]:
+        print(f"{what}: left out {key} (the extra query groups of --group_detr; training only, "
+              "the model uses group 0, query_embed.weight)")
         del sd[key]
-    for kind, keys in dropped.items():
-        print(f"{what}: left out {', '.join(keys) if len(keys) == 1 else kind + '.*'} ({TRAINING_ONLY[kind]}; "
-              "training only, not part of the inference model)")
-    fresh = [k for k in expected if k not in sd and _training_only_kind(k)]
-    for kind in sorted({_training_only_kind(k) for k in fresh}):
-        print(f"{what}: has no {kind} ({TRAINING_ONLY[kind]}); it starts from its fresh initialisation")
-    sd.update({k: expected[k] for k in fresh})
+    for key in [k for k in expected if k.endswith(GROUP_QUERIES) and k not in sd]:
+        print(f"{what}: has no {key}; the extra query groups of --group_detr start from their fresh initialisation")
+        sd[key] = expected[key]
     return sd
 
 
