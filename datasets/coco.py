@@ -141,15 +141,28 @@ def xywh_to_clamped_xyxy(bbox: list | np.ndarray, height: int, width: int) -> np
 
 
 def segmentation_to_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
-    """A COCO segmentation (polygon list, uncompressed or compressed RLE) -> uint8 mask [H,W]."""
+    """A COCO segmentation (polygon list, uncompressed or compressed RLE) -> uint8 mask [H,W].
+
+    An RLE whose size is not the image's, or uncompressed counts that do not cover exactly H*W
+    pixels, is a ValueError: pycocotools would leave the rest of the mask uninitialised (or write
+    past it) instead of failing.
+    """
     if isinstance(segmentation, list):
         if not segmentation:
             return np.zeros((height, width), dtype=np.uint8)
-        rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), list):
+        return coco_mask.decode([coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))])[:, :, 0]
+    size = list(segmentation.get("size", []))
+    if size != [height, width]:
+        raise ValueError(f"RLE segmentation has size {size}, but the image is [{height}, {width}] "
+                         "(height, width); re-encode the mask at the image's size")
+    rle = segmentation
+    if isinstance(segmentation.get("counts"), list):
+        covered = sum(segmentation["counts"])
+        if covered != height * width:
+            raise ValueError(f"uncompressed RLE counts cover {covered} pixels, but its size "
+                             f"{height}x{width} has {height * width}; the run lengths must add up "
+                             "to height*width (column-major)")
         rle = coco_mask.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
     return coco_mask.decode([rle])[:, :, 0].astype(np.uint8)
 
 
@@ -175,7 +188,12 @@ class ConvertCocoPolysToMask:
             "size": torch.tensor([h, w]),
         }
         if self.return_masks:
-            masks = [segmentation_to_mask(a.get("segmentation", []), h, w) for a in anns]
+            masks = []
+            for a in anns:
+                try:
+                    masks.append(segmentation_to_mask(a.get("segmentation", []), h, w))
+                except ValueError as error:
+                    raise ValueError(f"annotation id {a.get('id')}: {error}") from None
             target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
                                else torch.zeros((0, h, w), dtype=torch.uint8))
         return target
@@ -251,7 +269,10 @@ class CocoDetection(torch.utils.data.Dataset):
         info = self.coco.imgs[image_id]
         image = decode_image(self.img_folder / info["file_name"], self.ann_file)
         annotations = self.coco.imgToAnns.get(image_id, [])
-        target = self.prepare((int(image.shape[-2]), int(image.shape[-1])), image_id, annotations)
+        try:
+            target = self.prepare((int(image.shape[-2]), int(image.shape[-1])), image_id, annotations)
+        except ValueError as error:
+            raise ValueError(f"{self.ann_file} (image {info['file_name']}): {error}") from None
         if self._transforms is not None:
             image, target = self._transforms(image, target)
         return image, target

@@ -40,7 +40,7 @@ def coco_root(tmp_path_factory):
          "segmentation": {"size": [60, 80], "counts": [0, 4800]}},
         # uncompressed RLE, box running past the right edge: clamped to x = 80
         {"id": 4, "image_id": 7, "category_id": 5, "bbox": [70, 0, 30, 10], "area": 100, "iscrowd": 0,
-         "segmentation": {"size": [60, 80], "counts": [4200, 10, 50, 10]}},
+         "segmentation": {"size": [60, 80], "counts": [4200, 10, 50, 10, 530]}},
     ]
     data = {"images": [{"id": 7, "file_name": "a.jpg", "width": 80, "height": 60},
                        {"id": 3, "file_name": "b.png", "width": 40, "height": 50}],
@@ -77,6 +77,30 @@ def test_polygon_and_rle_masks(coco_root):
     assert masks[1].sum() == 200 and masks[1, 30:40, 50:70].all()
     # uncompressed RLE (column-major): 4200 zeros = columns 0..69, then 10 ones in column 70
     assert masks[2].sum() == 20 and masks[2, 0:10, 70].all() and masks[2, 0:10, 71].all()
+
+
+@pytest.mark.parametrize("segmentation, message", [
+    # run lengths short of 60*80: pycocotools would leave the rest of the mask uninitialised
+    ({"size": [60, 80], "counts": [4200, 10, 50, 10]}, "counts cover 4270 pixels, but its size 60x80 has 4800"),
+    ({"size": [60, 80], "counts": [4200, 10, 50, 10, 600]}, "counts cover 4870 pixels"),
+    ({"size": [80, 60], "counts": [0, 4800]}, "RLE segmentation has size [80, 60], but the image is [60, 80]"),
+])
+def test_malformed_rle_names_the_annotation_and_the_fix(tmp_path, segmentation, message):
+    (tmp_path / "train2017").mkdir()
+    (tmp_path / "annotations").mkdir()
+    Image.new("RGB", (80, 60)).save(tmp_path / "train2017" / "a.jpg")
+    ann_file = tmp_path / "annotations" / "instances_train2017.json"
+    ann_file.write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "a.jpg", "width": 80, "height": 60}],
+        "annotations": [{"id": 12, "image_id": 7, "category_id": 5, "bbox": [70, 0, 10, 10],
+                         "area": 100, "iscrowd": 0, "segmentation": segmentation}],
+        "categories": [{"id": 5, "name": "c5"}]}))
+    with pytest.raises(ValueError) as error:
+        _dataset(tmp_path)[0]
+    text = str(error.value)
+    assert message in text and "annotation id 12" in text
+    assert str(ann_file) in text and "a.jpg" in text
+    _dataset(tmp_path, masks=False)[0]  # boxes alone do not read the segmentation
 
 
 def test_image_without_annotations_gives_empty_target(coco_root):
