@@ -77,6 +77,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                                "trainable BatchNorm) or a path; ignored when --resume/--frozen_weights/--finetune "
                                "provide the weights")
 
+    backbone.add_argument("--trainable_backbone_layers", default=3, type=int, choices=range(6), metavar="0..5",
+                          help="ResNet stages trained, from layer4 down (3: layer2-4 as in the original; 5 "
+                               "adds layer1 and the stem, for a backbone trained from scratch); with "
+                               "--lr_backbone 0 none are")
+
     transformer = parser.add_argument_group("model: transformer")
     transformer.add_argument("--enc_layers", default=6, type=int, help="encoder layers")
     transformer.add_argument("--dec_layers", default=6, type=int, help="decoder layers")

@@ -18,11 +18,18 @@ __all__ = ["FrozenBatchNorm2d", "BackboneBase", "Backbone", "Joiner", "build_bac
 class BackboneBase(nn.Module):
     """Runs `backbone` up to layer4 (or layer1..4) and resizes the padding mask to each output."""
 
-    def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool):
+    def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool,
+                 trainable_layers: int = 3):
         super().__init__()
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"--trainable_backbone_layers must be 0..5, got {trainable_layers}")
+        # Counted from the top, as in torchvision's detection models: 3 (the original) trains
+        # layer2..layer4 and leaves the stem and layer1 frozen; 5 trains everything.
+        trained = ("layer4", "layer3", "layer2", "layer1", "conv1")[:trainable_layers]
+        if trainable_layers == 5:
+            trained += ("bn1",)
         for name, parameter in backbone.named_parameters():
-            # The stem and layer1 stay frozen, as in the original.
-            if not train_backbone or not any(layer in name for layer in ("layer2", "layer3", "layer4")):
+            if not train_backbone or name.split(".")[0] not in trained:
                 parameter.requires_grad_(False)
         if return_interm_layers:
             return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
@@ -73,7 +80,8 @@ class Backbone(BackboneBase):
     """
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
-                 weights: Optional[Union[str, Path, dict]] = None, trainable_norm: bool = False):
+                 weights: Optional[Union[str, Path, dict]] = None, trainable_norm: bool = False,
+                 trainable_layers: int = 3):
         if not name.startswith("resnet") or not hasattr(torchvision.models, name):
             raise ValueError(f"--backbone {name!r} is not a torchvision ResNet (e.g. resnet50, resnet101)")
         if dilation and name in ("resnet18", "resnet34"):
@@ -84,7 +92,7 @@ class Backbone(BackboneBase):
         if weights is not None:
             _load_resnet_weights(resnet, weights, name)
         num_channels = 512 if name in ("resnet18", "resnet34") else 2048
-        super().__init__(resnet, train_backbone, num_channels, return_interm_layers)
+        super().__init__(resnet, train_backbone, num_channels, return_interm_layers, trainable_layers)
 
 
 class Joiner(nn.Sequential):
@@ -126,5 +134,6 @@ def build_backbone(args) -> Joiner:
     """Backbone + position encoding from main.py's args (backbone, lr_backbone, masks, dilation, backbone_weights)."""
     weights, trainable_norm = _backbone_weights(args)
     backbone = Backbone(args.backbone, args.lr_backbone > 0, args.masks, args.dilation,
-                        weights=weights, trainable_norm=trainable_norm)
+                        weights=weights, trainable_norm=trainable_norm,
+                        trainable_layers=getattr(args, "trainable_backbone_layers", 3))
     return Joiner(backbone, build_position_encoding(args))

@@ -69,6 +69,18 @@ def test_only_layers_2_to_4_train(train_backbone):
     assert isinstance(backbone.body.bn1, FrozenBatchNorm2d) and backbone.body.bn1.eps == 1e-5
 
 
+@pytest.mark.parametrize("layers, expected", [
+    (0, set()), (1, {"layer4"}), (3, {"layer2", "layer3", "layer4"}),
+    (5, {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}),
+])
+def test_trainable_backbone_layers_count_from_the_top(layers, expected):
+    # trainable norms, as with --backbone_weights none, so bn1 has parameters to train
+    backbone = Backbone("resnet18", True, False, False, trainable_norm=True, trainable_layers=layers)
+    assert {n.split(".")[1] for n, p in backbone.named_parameters() if p.requires_grad} == expected
+    with pytest.raises(ValueError, match="must be 0..5, got 6"):
+        Backbone("resnet18", True, False, False, trainable_layers=6)
+
+
 def test_masks_and_dilation_outputs():
     nested = nested_tensor_from_tensor_list([torch.randn(3, 64, 64), torch.randn(3, 32, 48)])
     out = Backbone("resnet18", True, True, False)(nested)
