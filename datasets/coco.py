@@ -150,19 +150,20 @@ def segmentation_to_mask(segmentation: list | dict, height: int, width: int) -> 
     if isinstance(segmentation, list):
         if not segmentation:
             return np.zeros((height, width), dtype=np.uint8)
-        return coco_mask.decode([coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))])[:, :, 0]
-    size = list(segmentation.get("size", []))
-    if size != [height, width]:
-        raise ValueError(f"RLE segmentation has size {size}, but the image is [{height}, {width}] "
-                         "(height, width); re-encode the mask at the image's size")
-    rle = segmentation
-    if isinstance(segmentation.get("counts"), list):
-        covered = sum(segmentation["counts"])
-        if covered != height * width:
-            raise ValueError(f"uncompressed RLE counts cover {covered} pixels, but its size "
-                             f"{height}x{width} has {height * width}; the run lengths must add up "
-                             "to height*width (column-major)")
-        rle = coco_mask.frPyObjects(segmentation, height, width)
+        rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+    else:
+        size = list(segmentation.get("size", []))
+        if size != [height, width]:
+            raise ValueError(f"RLE segmentation has size {size}, but the image is [{height}, {width}] "
+                             "(height, width); re-encode the mask at the image's size")
+        rle = segmentation
+        if isinstance(segmentation.get("counts"), list):
+            covered = sum(segmentation["counts"])
+            if covered != height * width:
+                raise ValueError(f"uncompressed RLE counts cover {covered} pixels, but its size "
+                                 f"{height}x{width} has {height * width}; the run lengths must add up "
+                                 "to height*width (column-major)")
+            rle = coco_mask.frPyObjects(segmentation, height, width)
     return coco_mask.decode([rle])[:, :, 0].astype(np.uint8)
 
 
