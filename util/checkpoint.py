@@ -368,8 +368,8 @@ def _hints(missing: list[str], unexpected: list[str], shapes: dict[str, tuple[li
     return hints
 
 
-# Tensors that only training uses, by top-level module name (under `detr.` in a mask model).
-GROUP_QUERIES = "group_query_embed.weight"  # Group DETR's training-only query groups 1..K-1
+# The one tensor only training uses: Group DETR's query groups 1..K-1 (under `detr.` in a mask model).
+GROUP_QUERIES = "group_query_embed.weight"
 
 
 def fit_training_only(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
