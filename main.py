@@ -143,6 +143,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--augment", default="detr", choices=AUGMENTATIONS,
                       help="training augmentation: detr = the original's (flip, multi-scale, crop); "
                            "flip = flip + the val resize; none = the val transform")
+    data.add_argument("--copy_paste", default=0, type=int, metavar="N",
+                      help="training only: paste up to N objects cut along their polygons out of another "
+                           "training image into each one (Simple Copy-Paste); 0 = off, the original")
     data.add_argument("--num_workers", default=2, type=int, help="DataLoader worker processes")
 
     run = parser.add_argument_group("run")
@@ -363,6 +366,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume and args.resume != RESUME_AUTO and args.finetune:
         raise ValueError("--resume continues a run (weights, optimizer, epoch); --finetune starts a new one "
                          "from weights only: give one of them")
+    if args.copy_paste < 0:
+        raise ValueError(f"--copy_paste {args.copy_paste}: must be 0 (off) or a number of objects")
     if args.grad_accum_steps < 1:
         raise ValueError(f"--grad_accum_steps {args.grad_accum_steps}: must be 1 or more")
     device = _check_device(args.device)

@@ -26,6 +26,22 @@ def _kind(args) -> str:
 
 def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
     """The 'train' or 'val' dataset of args.dataset_file; items are (image [3,H,W], target)."""
+    dataset = _build(image_set, args)
+    paste = getattr(args, "copy_paste", 0)
+    if paste and image_set == "train":
+        if not isinstance(dataset, coco.CocoDetection):
+            raise ValueError(f"--copy_paste {paste}: --dataset_file {_kind(args)} has no instance polygons "
+                             "to cut objects out along; use a COCO-format detection set (coco, custom, shapes) "
+                             "or --copy_paste 0")
+        if not any(a.get("segmentation") for a in dataset.coco.dataset["annotations"]):
+            raise ValueError(f"--copy_paste {paste}: {dataset.ann_file} has no 'segmentation' in any annotation "
+                             "(boxes only); copy-paste cuts objects along their polygons or RLE: add them, "
+                             "or pass --copy_paste 0")
+        dataset.copy_paste = paste
+    return dataset
+
+
+def _build(image_set: str, args) -> torch.utils.data.Dataset:
     kind = _kind(args)
     if kind == "coco":
         return coco.build(image_set, args)

@@ -25,6 +25,7 @@ import torchvision.io
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
+from datasets.copy_paste import paste_objects
 from datasets.transforms import transforms_from_args
 
 logger = logging.getLogger(__name__)
@@ -261,6 +262,7 @@ class CocoDetection(torch.utils.data.Dataset):
                            "are dropped", self.ann_file, self.degenerate_boxes)
         self._transforms = transforms
         self.prepare = ConvertCocoPolysToMask(return_masks)
+        self.copy_paste = 0  # --copy_paste N: objects pasted from another image (training set only)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -274,9 +276,31 @@ class CocoDetection(torch.utils.data.Dataset):
             target = self.prepare((int(image.shape[-2]), int(image.shape[-1])), image_id, annotations)
         except ValueError as error:
             raise ValueError(f"{self.ann_file} (image {info['file_name']}): {error}") from None
+        if self.copy_paste > 0:
+            image, target = self._paste_from_another_image(image, target)
         if self._transforms is not None:
             image, target = self._transforms(image, target)
         return image, target
+
+    def _paste_from_another_image(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+        """Up to `copy_paste` objects of a random training image, cut along their polygons."""
+        source_id = self.ids[int(torch.randint(0, len(self.ids), (1,)))]
+        anns = [a for a in self.coco.imgToAnns.get(source_id, [])
+                if not a.get("iscrowd", 0) and a.get("segmentation")]
+        if not anns:
+            return image, target
+        info = self.coco.imgs[source_id]
+        source = decode_image(self.img_folder / info["file_name"], self.ann_file)
+        height, width = int(source.shape[-2]), int(source.shape[-1])
+        objects = []
+        for i in torch.randperm(len(anns))[:self.copy_paste].tolist():
+            try:
+                mask = segmentation_to_mask(anns[i]["segmentation"], height, width)
+            except ValueError as error:
+                raise ValueError(f"{self.ann_file} (image {info['file_name']}): annotation id "
+                                 f"{anns[i].get('id')}: {error}") from None
+            objects.append((torch.from_numpy(mask).bool(), int(anns[i]["category_id"])))
+        return paste_objects(image, target, source, objects)
 
 
 def build(image_set: str, args) -> CocoDetection:
