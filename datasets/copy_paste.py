@@ -9,14 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-
-def _box_iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+from torchvision.ops import box_iou
 
 
 def paste_objects(image: Tensor, target: dict, source: Tensor, objects: list[tuple[Tensor, int]],
@@ -33,7 +26,7 @@ def paste_objects(image: Tensor, target: dict, source: Tensor, objects: list[tup
     """
     height, width = image.shape[-2:]
     image = image.clone()
-    boxes = target["boxes"].tolist()
+    occupied = target["boxes"].float()  # xyxy of every object already in the image
     added_boxes, added_labels, added_areas, added_masks = [], [], [], []
     for mask, label in objects:
         ys, xs = torch.nonzero(mask, as_tuple=True)
@@ -47,7 +40,7 @@ def paste_objects(image: Tensor, target: dict, source: Tensor, objects: list[tup
             top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
             left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
             box = [float(left), float(top), float(left + w), float(top + h)]
-            if all(_box_iou(box, other) < max_iou for other in boxes + added_boxes):
+            if len(occupied) == 0 or box_iou(torch.tensor([box]), occupied).max() < max_iou:
                 break
         else:
             continue
@@ -55,6 +48,7 @@ def paste_objects(image: Tensor, target: dict, source: Tensor, objects: list[tup
         region = image[:, top:top + h, left:left + w]
         image[:, top:top + h, left:left + w] = torch.where(patch, source[:, y0:y1, x0:x1], region)
         added_boxes.append(box)
+        occupied = torch.cat([occupied, torch.tensor([box])])
         added_labels.append(label)
         added_areas.append(float(patch.sum()))
         if "masks" in target:
