@@ -31,7 +31,7 @@ DATA = "--augment flip --image_scale 0.16 --shapes_train_size 512 --batch_size 4
 RECIPES = {
     "plain": f"{COMMON} --lr_backbone 1e-4 {DATA} --epochs 24 --lr_drop 18 --print_freq 128 --output_dir outputs/demo",
     "fast": f"{COMMON} --lr 2e-4 --lr_backbone 2e-4 {DATA} --epochs 12 --lr_drop 10 --group_detr 20 --ema 0.995 "
-            "--copy_paste 3 --set_cost_class 2 --eos_coef 0.2 --print_freq 128 --output_dir outputs/demo_fast",
+            "--copy_paste 3 --set_cost_class 2 --eos_coef 0.3 --print_freq 128 --output_dir outputs/demo_fast",
 }
 
 
