@@ -22,7 +22,8 @@ checkpoint's --image_scale).
 By default the model runs with frozen BatchNorm folded into the convolutions and channels_last
 (models.fuse.optimize_for_inference; `--no_fuse` runs it as built); `--inference_backend onnxruntime`
 runs that model in ONNX Runtime on the CPU instead (exported once, cached next to the checkpoint).
-With --batch_size > 1 the batches gather pictures of similar aspect ratio (`--no_group`: file order).
+On the CPU, freed memory stays in the process (util/allocator.py; `--no_malloc_tuning` keeps
+glibc's default). With --batch_size > 1 the batches gather pictures of similar aspect ratio (`--no_group`: file order).
 `--threshold` (default 0.5) keeps detections whose score is above it, in the JSON and in the
 pictures; use `--threshold 0` to keep every query (e.g. for COCO-style evaluation). Scores are
 taken over the dataset's real categories only (when known), so no detection carries an id that
@@ -95,6 +96,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                             help="onnxruntime (CPU, box models): the folded model exported once to ONNX, cached "
                                  "next to the checkpoint under its weights' hash, and run by ONNX Runtime "
                                  "(benchmarks/README.md: faster than the torch path on CPU)")
+    prediction.add_argument("--no_malloc_tuning", action="store_true",
+                            help="leave glibc malloc as it is; by default freed memory stays in the process so each "
+                                 "forward reuses its activations' pages instead of page-faulting them in again "
+                                 "(util/allocator.py: ~10%% of a CPU forward; the process keeps its peak memory)")
     prediction.add_argument("--no_group", action="store_true",
                             help="batch the pictures in file order; by default batches gather pictures of similar "
                                  "aspect ratio (less padding; outputs are per picture, ids in file order either way)")
@@ -418,6 +423,10 @@ def predict(args: argparse.Namespace, checkpoint: dict) -> dict[str, Any]:
     files = list_images(args.img_dirs)  # a wrong path is reported before the model is built
     device = resolve_device(args.device)
     args.device = str(device)
+    if device.type == "cpu" and not args.no_malloc_tuning:
+        from util.allocator import retain_freed_memory
+
+        retain_freed_memory()  # before the model and its activations are allocated
     if args.inference_backend == "onnxruntime" and (device.type != "cpu" or args.no_fuse or args.masks):
         raise SystemExit("--inference_backend onnxruntime runs the folded box model on the CPU: use --device cpu, "
                          "leave out --no_fuse, and keep --inference_backend torch for a --masks model")

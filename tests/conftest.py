@@ -20,6 +20,17 @@ def _isolated_torch_home(tmp_path_factory, monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def malloc_tuning_calls(request, monkeypatch) -> list:
+    """predict.py tunes glibc malloc for its whole process (util/allocator.py); tests that run it in
+    this process record the call instead, so the test process keeps the default allocator.
+    Tests marked `real_allocator` get the real function."""
+    calls: list = []
+    if request.node.get_closest_marker("real_allocator") is None:
+        monkeypatch.setattr("util.allocator.retain_freed_memory", lambda: calls.append(True) or True)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

@@ -119,3 +119,13 @@ def test_pil_baseline_recipe_geometry():
     assert torch.allclose(target["boxes"], torch.tensor([[0.2, 0.3, 0.2, 0.4]]))
     images, mask, _ = pil_reference.collate([(torch.ones(3, 2, 3), {}), (torch.ones(3, 4, 1), {})])
     assert images.shape == (2, 3, 4, 3) and mask.sum().item() == 6 + 8
+
+
+def test_allocator_benchmark_runs_both_modes_in_their_own_processes(tmp_path, run_bench):
+    data = run_bench("bench_allocator.py", tmp_path / "alloc.json", "--repeats", "1")
+    rows = data["results"]
+    assert set(rows) == {"glibc_default", "retain_freed_memory"}
+    assert rows["glibc_default"]["applied"] is False
+    for row in rows.values():
+        assert row["median_s"] > 0 and row["peak_rss_mb"] > 0
+        assert len(row["times_s"]) == 1 and len(row["times_s"][0]) == data["config"]["forwards"]

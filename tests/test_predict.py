@@ -152,13 +152,14 @@ def _changed_fraction_on_outline(original: Image.Image, drawn: Image.Image, bbox
     return float(changed.mean())
 
 
-def test_predict_folder_end_to_end(tmp_path, recwarn):
+def test_predict_folder_end_to_end(tmp_path, recwarn, malloc_tuning_calls):
     _tiny_checkpoint(tmp_path / "ckpt.pth")
     folder = _picture_folder(tmp_path)
     out = tmp_path / "out"
     summary = predict.main(["--resume", str(tmp_path / "ckpt.pth"), "--img_dirs", str(folder),
                             "--output_dir", str(out), "--threshold", "0", "--batch_size", "3"])
     assert summary["images"] == 4 and summary["skipped"] == [str(folder / "readme.txt")]
+    assert malloc_tuning_calls == [True]  # on the CPU, glibc keeps freed memory (util/allocator.py)
     assert any("readme.txt" in str(w.message) for w in recwarn)
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -200,7 +201,7 @@ def _same_detections(found: list[dict], reference: list[dict]) -> None:
         assert np.allclose(a["bbox"], b["bbox"], atol=0.02)
 
 
-def test_fused_and_onnxruntime_predict_what_the_plain_model_predicts(tmp_path, capsys):
+def test_fused_and_onnxruntime_predict_what_the_plain_model_predicts(tmp_path, capsys, malloc_tuning_calls):
     """predict.py folds the (eval-mode) BatchNorm into the convolutions and uses channels_last by
     default; --no_fuse runs the model as built; --inference_backend onnxruntime exports the folded
     model once next to the checkpoint and reuses the file. Same detections up to fp32 rounding."""
@@ -214,6 +215,10 @@ def test_fused_and_onnxruntime_predict_what_the_plain_model_predicts(tmp_path, c
                           str(tmp_path / mode), "--threshold", "0", "--device", "cpu", "--batch_size", "2", *extra])
         found[mode] = json.loads((tmp_path / mode / "predictions.json").read_text())
     assert len(found["plain"]) == 4 * 10
+    assert len(malloc_tuning_calls) == 4
+    predict.main(["--resume", str(tmp_path / "ckpt.pth"), "--img_dirs", str(folder / "gray.png"),
+                  "--output_dir", str(tmp_path / "untuned"), "--device", "cpu", "--no_malloc_tuning"])
+    assert len(malloc_tuning_calls) == 4  # --no_malloc_tuning leaves the allocator alone
     for mode in ("fused", "ort", "ort_cached"):
         _same_detections(found[mode], found["plain"])
     exports = list(tmp_path.glob("detr-*.onnx"))
