@@ -129,3 +129,38 @@ def test_allocator_benchmark_runs_both_modes_in_their_own_processes(tmp_path, ru
     for row in rows.values():
         assert row["median_s"] > 0 and row["peak_rss_mb"] > 0
         assert len(row["times_s"]) == 1 and len(row["times_s"][0]) == data["config"]["forwards"]
+
+
+def test_side_by_side_with_an_original_clone(tmp_path, run_bench):
+    """bench_vs_original.py imports the original's models/ and util/ from a clone, apart from this
+    project's packages of the same names. The original cannot be downloaded here, so a copy of this
+    project's own models/ and util/ (the original's constructors and state_dict layout) stands in."""
+    import shutil
+
+    clone = tmp_path / "detr"
+    for package in ("models", "util"):
+        shutil.copytree(ROOT / package, clone / package, ignore=shutil.ignore_patterns("__pycache__"))
+    import models.detr
+
+    ours_before = sys.modules["models.detr"]
+    data = run_bench("bench_vs_original.py", tmp_path / "vs.json", "--original", str(clone), "--warmup", "0",
+                     "--repeats", "1")
+    assert sys.modules["models.detr"] is ours_before  # the project's packages are back in place
+    assert data["config"]["original_detr_py"] == str(clone.resolve() / "models" / "detr.py")
+    rows = data["results"]
+    assert set(rows) == {"original", "plain", "fold_bn_cl", "onnxruntime"}
+    assert rows["original"]["max_abs_diff"] == 0.0 and rows["original"]["speedup_vs_original"] == 1.0
+    for row in rows.values():
+        assert row["median_s"] > 0 and row["max_abs_diff"] <= 1e-4
+
+    data = run_bench("bench_vs_original.py", tmp_path / "vs_train.json", "--original", str(clone), "--train",
+                     "--warmup", "0", "--repeats", "1")
+    rows = data["results"]
+    assert set(rows) == {"original", "plain", "fast_train"} and data["config"]["batch"] == 2
+    for row in rows.values():
+        assert row["median_s"] > 0 and row["first_loss_abs_diff"] <= 1e-5 * rows["original"]["first_loss"]
+
+
+def test_side_by_side_refuses_a_folder_that_is_not_a_clone(tmp_path, run_bench):
+    with pytest.raises(SystemExit, match="not a DETR clone"):
+        run_bench("bench_vs_original.py", tmp_path / "vs.json", "--original", str(tmp_path))
