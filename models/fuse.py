@@ -20,6 +20,7 @@ import os
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -147,7 +148,18 @@ class NormFoldedConv2d(nn.Conv2d):
         if self.bias is not None:
             bias = bias + self.bias * scale
         # channels_last weights stay so after the scaling (the product keeps the weight's strides)
-        return self._conv_forward(x, self.weight * scale.reshape(-1, 1, 1, 1), bias)
+        weight = self.weight * scale.reshape(-1, 1, 1, 1)
+        if self._subsample_first(x):
+            # A strided 1x1 conv sees only every stride-th pixel: taking those first gives the same
+            # outputs (same products, same sums) and oneDNN's weight gradient of a stride-1 conv is
+            # ~1.7x faster (layer2's downsample, whose input from the frozen layer1 needs no gradient).
+            sh, sw = self.stride
+            return F.conv2d(x[:, :, ::sh, ::sw], weight, bias, 1, 0, self.dilation, self.groups)
+        return self._conv_forward(x, weight, bias)
+
+    def _subsample_first(self, x: torch.Tensor) -> bool:
+        return (self.kernel_size == (1, 1) and self.stride != (1, 1) and self.padding == (0, 0)
+                and self.padding_mode == "zeros" and not x.requires_grad and self.weight.requires_grad)
 
 
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):

@@ -145,6 +145,24 @@ def test_optimize_for_training_keeps_loss_gradients_and_state_dict(images):
         torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_strided_1x1_conv_takes_its_pixels_first_when_only_its_weights_need_gradients():
+    """layer2's downsample (1x1, stride 2) reads the frozen layer1's output: NormFoldedConv2d picks
+    every second pixel first and runs a stride-1 conv, same outputs and weight gradient."""
+    torch.manual_seed(0)
+    conv, norm = torch.nn.Conv2d(8, 16, 1, stride=2, bias=False), FrozenBatchNorm2d(16)
+    norm.weight.uniform_(0.5, 2)
+    norm.running_mean.uniform_(-1, 1)
+    folded = NormFoldedConv2d.taking_over(copy.deepcopy(conv), FoldedFrozenBatchNorm2d.taking_over(norm))
+    x = torch.randn(2, 8, 15, 22)
+    assert folded._subsample_first(x) and not folded._subsample_first(x.clone().requires_grad_())
+    out, reference = folded(x), norm(conv(x))
+    assert out.shape == reference.shape == (2, 16, 8, 11)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    reference.sum().backward()
+    torch.testing.assert_close(folded.weight.grad, conv.weight.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_optimize_for_training_reads_loaded_weights_and_survives_deepcopy(images):
     fast = optimize_for_training(_tiny_detr()).eval()
     plain = _tiny_detr().eval()
