@@ -23,7 +23,8 @@ By default the model runs with frozen BatchNorm folded into the convolutions and
 (models.fuse.optimize_for_inference; `--no_fuse` runs it as built); `--inference_backend onnxruntime`
 runs that model in ONNX Runtime on the CPU instead (exported once, cached next to the checkpoint).
 On the CPU, freed memory stays in the process (util/allocator.py; `--no_malloc_tuning` keeps
-glibc's default). With --batch_size > 1 the batches gather pictures of similar aspect ratio (`--no_group`: file order).
+glibc's default). With --batch_size > 1 the batches gather pictures of similar aspect ratio
+(`--no_group`: file order).
 `--threshold` (default 0.5) keeps detections whose score is above it, in the JSON and in the
 pictures; use `--threshold 0` to keep every query (e.g. for COCO-style evaluation). Scores are
 taken over the dataset's real categories only (when known), so no detection carries an id that
