@@ -2,9 +2,11 @@
 main.py and the benchmarks alike:
 
 - `optimize_for_inference(model)`: eval mode, every frozen norm folded into the convolution before
-  it (scaled weights plus a bias; the norm becomes an Identity), channels_last. The state_dict
-  changes: apply it after loading weights, and do not train or save the result. With
-  backend='onnxruntime' the folded model runs in ONNX Runtime instead (CPU; models/onnx_runtime.py).
+  it (scaled weights plus a bias; the norm becomes an Identity), ResNet layers as
+  `FusedResidualLayer` (convolution + ReLU + residual addition in single oneDNN calls on the
+  CPU), channels_last. The state_dict changes: apply it after loading weights, and do not train
+  or save the result. With backend='onnxruntime' the folded model runs in ONNX Runtime instead
+  (CPU; models/onnx_runtime.py).
 - `optimize_for_training(model)`: every FrozenBatchNorm2d after a convolution is computed inside
   that convolution, conv2d(x, W * s, b'), from the same parameters and buffers, plus channels_last.
   Same forward, same gradients (up to fp32 rounding), and the same state_dict keys and values, so
@@ -102,7 +104,7 @@ def to_channels_last(model: nn.Module) -> nn.Module:
 def optimize_for_inference(model: nn.Module, backend: str = "torch",
                            onnx_cache_dir: str | os.PathLike | None = None) -> nn.Module | Callable:
     """The fastest fp32 inference form of `model`: eval mode, frozen norms folded into the
-    convolutions, channels_last (in place). Same forward contract (images [B,3,H,W], a list of
+    convolutions, fused residual layers, channels_last (in place). Same forward contract (images [B,3,H,W], a list of
     [3,H,W] or a NestedTensor -> the outputs dict); outputs within ~1e-5 of the plain model. Its
     state_dict no longer has the checkpoint's layout: load weights before, never save after.
 
