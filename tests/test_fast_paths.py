@@ -98,13 +98,13 @@ def test_optimize_for_inference_equals_plain(model, images, batched):
         assert _max_diff(model(inputs), fast(inputs)) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_fused_residual_layers_give_the_plain_outputs_and_leave_inputs_alone(name):
+@pytest.mark.parametrize("name, dilation", [("resnet18", False), ("resnet50", False), ("resnet50", True)])
+def test_fused_residual_layers_give_the_plain_outputs_and_leave_inputs_alone(name, dilation):
     """optimize_for_inference runs each ResNet layer's convolutions with their ReLU and residual
     addition as single oneDNN calls, the sum written into the residual: same numbers, and the
     tensor a caller passes in is never overwritten (resnet18's layer1 has no downsample)."""
     torch.manual_seed(0)
-    body = Backbone(name, False, False, False).body
+    body = Backbone(name, False, False, dilation).body  # dilation: DC5's layer4
     for module in body.modules():
         if isinstance(module, FrozenBatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
