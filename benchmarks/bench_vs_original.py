@@ -30,7 +30,8 @@ import torch
 
 from bench_inference import make_runner
 from bench_train_step import make_step
-from common import base_parser, clock, machine_info, max_abs_diff, median, print_machine, setup, time_alternating, write_json
+from common import (base_parser, clock, machine_info, max_abs_diff, median, print_machine, setup, time_alternating,
+                    write_json)
 from detr_setup import FULL, QUICK, DetrShape, build_criterion, build_detr, random_images, random_targets
 
 PACKAGES = ("models", "util")

@@ -104,9 +104,10 @@ def to_channels_last(model: nn.Module) -> nn.Module:
 def optimize_for_inference(model: nn.Module, backend: str = "torch",
                            onnx_cache_dir: str | os.PathLike | None = None) -> nn.Module | Callable:
     """The fastest fp32 inference form of `model`: eval mode, frozen norms folded into the
-    convolutions, fused residual layers, channels_last (in place). Same forward contract (images [B,3,H,W], a list of
-    [3,H,W] or a NestedTensor -> the outputs dict); outputs within ~1e-5 of the plain model. Its
-    state_dict no longer has the checkpoint's layout: load weights before, never save after.
+    convolutions, fused residual layers, channels_last (in place). Same forward contract (images
+    [B,3,H,W], a list of [3,H,W] or a NestedTensor -> the outputs dict); outputs within ~1e-5 of the
+    plain model. Its state_dict no longer has the checkpoint's layout: load weights before, never
+    save after.
 
     backend='onnxruntime' (CPU, detection models): the folded model exported once to
     `onnx_cache_dir` (keyed by its weights' hash) and run by ONNX Runtime, returned as a callable

@@ -11,8 +11,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from models.backbone import Backbone, Joiner
 from models.detr import DETR
 from models.criterion import SetCriterion
-from models.fuse import (FoldedFrozenBatchNorm2d, FusedResidualLayer, NormFoldedConv2d, fold_frozen_batchnorm, optimize_for_inference,
-                         optimize_for_training, to_channels_last)
+from models.fuse import (FoldedFrozenBatchNorm2d, FusedResidualLayer, NormFoldedConv2d, fold_frozen_batchnorm,
+                         optimize_for_inference, optimize_for_training, to_channels_last)
 from models.matcher import HungarianMatcher
 from models.position_encoding import PositionEmbeddingSine
 from models.transformer import Transformer
