@@ -137,16 +137,24 @@ def fuse_residual_layers(model: nn.Module) -> nn.Module:
 
 
 def _is_folded_block(block: nn.Module) -> bool:
+    """A torchvision block whose norms are folded away: by fold_frozen_batchnorm (Conv2d + Identity)
+    or by optimize_for_training (NormFoldedConv2d + FoldedFrozenBatchNorm2d)."""
     if type(block) not in (BasicBlock, Bottleneck):
         return False
     convs = [block.conv1, block.conv2] + ([block.conv3] if type(block) is Bottleneck else [])
     norms = [block.bn1, block.bn2] + ([block.bn3] if type(block) is Bottleneck else [])
-    downsample_ok = block.downsample is None or (
-        type(block.downsample) is nn.Sequential and type(block.downsample[0]) is nn.Conv2d
-        and all(type(m) is nn.Identity for m in block.downsample[1:]))
-    return (all(type(n) is nn.Identity for n in norms) and downsample_ok
-            and all(type(c) is nn.Conv2d and c.padding_mode == "zeros" and not isinstance(c.padding, str)
-                    for c in convs))
+    if block.downsample is not None:
+        if type(block.downsample) is not nn.Sequential or len(block.downsample) != 2:
+            return False
+        convs.append(block.downsample[0])
+        norms.append(block.downsample[1])
+    return (all(type(n) in (nn.Identity, FoldedFrozenBatchNorm2d) for n in norms)
+            and all(type(c) in (nn.Conv2d, NormFoldedConv2d) and c.padding_mode == "zeros"
+                    and not isinstance(c.padding, str) for c in convs))
+
+
+def _weight_and_bias(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return conv.folded_weight_and_bias() if isinstance(conv, NormFoldedConv2d) else (conv.weight, conv.bias)
 
 
 def _mkldnn_pointwise_available() -> bool:
@@ -162,10 +170,11 @@ class FusedResidualLayer(nn.Sequential):
     residual addition and ReLU, as single oneDNN calls (the ops inductor's CPU freezing emits), the
     sum written into the residual tensor. Past the first block that tensor is the previous block's
     output, so a forward allocates no new activation for it: ~1.1x for R50-DETR on CPU, outputs
-    identical. CPU fp32 without autograd or autocast only; otherwise the blocks' own forward."""
+    identical. CPU fp32 without autocast, where no autograd graph is needed (inference; the frozen
+    layer1 when training); otherwise the blocks' own forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+        if not (x.device.type == "cpu" and x.dtype == torch.float32 and self.needs_no_autograd(x)
                 and not torch.is_autocast_enabled("cpu") and _mkldnn_pointwise_available()):
             return super().forward(x)
         pointwise, pointwise_ = torch.ops.mkldnn._convolution_pointwise, torch.ops.mkldnn._convolution_pointwise_
@@ -173,17 +182,23 @@ class FusedResidualLayer(nn.Sequential):
             convs = [block.conv1, block.conv2] + ([block.conv3] if type(block) is Bottleneck else [])
             out = x
             for conv in convs[:-1]:
-                out = pointwise(out, conv.weight, conv.bias, *_conv_geometry(conv), "relu", [], "")
+                out = pointwise(out, *_weight_and_bias(conv), *_conv_geometry(conv), "relu", [], "")
             last = convs[-1]
             if block.downsample is None and index == 0:
                 # The residual is the caller's tensor: add out of place rather than overwrite it.
-                x = pointwise.binary(out, x, last.weight, last.bias, *_conv_geometry(last), "add", 1.0, "relu", [], "")
+                x = pointwise.binary(out, x, *_weight_and_bias(last), *_conv_geometry(last), "add", 1.0, "relu", [],
+                                     "")
                 continue
             # Otherwise the residual is the downsample's output or the previous block's: used by nothing else.
             residual = x if block.downsample is None else block.downsample[0](x)
-            x = pointwise_.binary(residual, out, last.weight, last.bias, *_conv_geometry(last), "add", 1.0, "relu",
+            x = pointwise_.binary(residual, out, *_weight_and_bias(last), *_conv_geometry(last), "add", 1.0, "relu",
                                   [], "")
         return x
+
+    def needs_no_autograd(self, x: torch.Tensor) -> bool:
+        """No graph to record: autograd off, or (training) a frozen layer on an input without
+        gradient, as layer1 after the frozen stem."""
+        return not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
 
 class NormFoldedConv2d(nn.Conv2d):
@@ -207,12 +222,16 @@ class NormFoldedConv2d(nn.Conv2d):
         folded.__dict__["norm"] = norm
         return folded
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W * s, b') of the conv with its norm, from the current parameters and buffers."""
         scale, bias = _scale_shift(self.norm)
         if self.bias is not None:
             bias = bias + self.bias * scale
         # channels_last weights stay so after the scaling (the product keeps the weight's strides)
-        weight = self.weight * scale.reshape(-1, 1, 1, 1)
+        return self.weight * scale.reshape(-1, 1, 1, 1), bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.folded_weight_and_bias()
         if self._subsample_first(x):
             # A strided 1x1 conv sees only every stride-th pixel: taking those first gives the same
             # outputs (same products, same sums) and oneDNN's weight gradient of a stride-1 conv is
@@ -257,4 +276,5 @@ def optimize_for_training(model: nn.Module) -> nn.Module:
             norm = FoldedFrozenBatchNorm2d.taking_over(child)
             setattr(parent, conv_name, NormFoldedConv2d.taking_over(getattr(parent, conv_name), norm))
             setattr(parent, name, norm)
+    fuse_residual_layers(model)  # the frozen layer1 (and evaluation under no_grad) run fused
     return to_channels_last(model)

@@ -155,6 +155,14 @@ def test_optimize_for_training_keeps_loss_gradients_and_state_dict(images):
     assert sum(isinstance(m, NormFoldedConv2d) for m in fast.modules()) == 20  # every resnet18 conv + norm pair
     assert sum(isinstance(m, FoldedFrozenBatchNorm2d) for m in fast.modules()) == 20
     assert list(fast.state_dict()) == list(plain.state_dict())
+    # The frozen layer1 runs as one fused call per convolution (no graph to record); layer2 trains.
+    body = fast.backbone[0].body
+    assert all(type(getattr(body, f"layer{i}")) is FusedResidualLayer for i in range(1, 5))
+    stem_out = torch.randn(2, 64, 16, 24).contiguous(memory_format=torch.channels_last)
+    assert body.layer1.needs_no_autograd(stem_out) and not body.layer2.needs_no_autograd(stem_out)
+    with torch.no_grad():
+        torch.testing.assert_close(body.layer1(stem_out), torch.nn.Sequential.forward(body.layer1, stem_out),
+                                   rtol=1e-5, atol=1e-5)
     criterion = _criterion()
     loss_plain, loss_fast = _loss(plain, images, criterion), _loss(fast, images, criterion)
     assert abs(loss_plain.item() - loss_fast.item()) < 1e-5
