@@ -18,12 +18,12 @@ Modes run in turn round by round (wall clock, or --cpu-time), medians reported a
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import sys
 import tempfile
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,7 +68,8 @@ def build_original(original: types.SimpleNamespace, shape: DetrShape, aux_loss: 
     """detr_resnet50 (or --quick's shape) from the original's own classes, as its build() assembles them."""
     if hasattr(original.backbone, "is_main_process"):
         original.backbone.is_main_process = lambda: False  # it asks torchvision for pretrained weights on rank 0
-    with warnings_silenced():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's deprecation notice for pretrained=
         backbone = original.backbone.Backbone(shape.backbone, True, False, False)
     position = original.position_encoding.PositionEmbeddingSine(shape.hidden_dim // 2, normalize=True)
     joiner = original.backbone.Joiner(backbone, position)
@@ -86,15 +87,6 @@ def build_original_criterion(original: types.SimpleNamespace, shape: DetrShape) 
     matcher = original.matcher.HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2)
     return original.detr.SetCriterion(shape.num_classes, matcher, build_criterion(shape).weight_dict, eos_coef=0.1,
                                       losses=["labels", "boxes", "cardinality"])
-
-
-@contextlib.contextmanager
-def warnings_silenced():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision's deprecation notice for pretrained=
-        yield
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:

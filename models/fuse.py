@@ -141,7 +141,7 @@ def _is_folded_block(block: nn.Module) -> bool:
     or by optimize_for_training (NormFoldedConv2d + FoldedFrozenBatchNorm2d)."""
     if type(block) not in (BasicBlock, Bottleneck):
         return False
-    convs = [block.conv1, block.conv2] + ([block.conv3] if type(block) is Bottleneck else [])
+    convs = _block_convs(block)
     norms = [block.bn1, block.bn2] + ([block.bn3] if type(block) is Bottleneck else [])
     if block.downsample is not None:
         if type(block.downsample) is not nn.Sequential or len(block.downsample) != 2:
@@ -151,6 +151,11 @@ def _is_folded_block(block: nn.Module) -> bool:
     return (all(type(n) in (nn.Identity, FoldedFrozenBatchNorm2d) for n in norms)
             and all(type(c) in (nn.Conv2d, NormFoldedConv2d) and c.padding_mode == "zeros"
                     and not isinstance(c.padding, str) for c in convs))
+
+
+def _block_convs(block: BasicBlock | Bottleneck) -> list[nn.Conv2d]:
+    """The main path's convolutions, in order (the last one is added to the residual)."""
+    return [block.conv1, block.conv2] + ([block.conv3] if type(block) is Bottleneck else [])
 
 
 def _weight_and_bias(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -179,7 +184,7 @@ class FusedResidualLayer(nn.Sequential):
             return super().forward(x)
         pointwise, pointwise_ = torch.ops.mkldnn._convolution_pointwise, torch.ops.mkldnn._convolution_pointwise_
         for index, block in enumerate(self):
-            convs = [block.conv1, block.conv2] + ([block.conv3] if type(block) is Bottleneck else [])
+            convs = _block_convs(block)
             out = x
             for conv in convs[:-1]:
                 out = pointwise(out, *_weight_and_bias(conv), *_conv_geometry(conv), "relu", [], "")

@@ -4,9 +4,10 @@ A DETR forward at 800x1066 allocates tens of activations of 14-55 MB. glibc serv
 large with a fresh mmap and unmaps them on free, so every forward touches new pages: the kernel
 zeroes them and takes a page fault per 4 KiB (~10 % of a plain CPU forward; models.fuse's fused
 residual layers avoid most of those blocks, and predict.py gains ~1.07x end to end from this:
-benchmarks/README.md, "allocator"). torch's CPU launcher (`torch.backends.xeon.run_cpu`) swaps in jemalloc or tcmalloc
-for the same reason; this does it without a new library, by telling glibc to take every block from
-its heap and never give freed memory back, so the next forward reuses the same pages.
+benchmarks/README.md, "allocator"). torch's CPU launcher (`torch.backends.xeon.run_cpu`) swaps in
+jemalloc or tcmalloc for the same reason; this does it without a new library, by telling glibc to
+take every block from its heap and never give freed memory back, so the next forward reuses the
+same pages.
 The process keeps its peak memory for as long as it lives: meant for predict.py, a bounded job.
 """
 from __future__ import annotations
