@@ -5,10 +5,14 @@ Modes (each on its own copy of the same initial weights, same images and targets
   channels_last   weights and images in channels_last memory format
   fast_train      models.fuse.optimize_for_training (main.py's default): frozen BN computed inside the
                   conv, conv2d(x, W * s, b'), plus channels_last; same parameters, same gradients up to
-                  fp32 rounding
+                  fp32 rounding; on the CPU dropout draws the dropped positions (models/dropout.py), other
+                  draws than torch's, so its first loss differs from the reference by the draws
+  fast_train_torch_dropout
+                  the same with torch's dropout (--no_sparse_dropout): the first loss matches
   compile         torch.compile of the model (opt-in: --compile; slow to compile on CPU)
 Prints the median step time, speed-up, the loss of each mode's first step (same seed, so it must
-match the reference up to fp32 noise; compiled dropout draws other random numbers), and the peak
+match the reference up to fp32 noise where the dropout draws are torch's; fast_train's and compiled
+dropout draw other random numbers), and the peak
 memory of a step: CPU RSS from VmHWM of /proc/self/status (reset before each step through
 /proc/self/clear_refs) and CUDA max allocated on GPU.
 
@@ -83,8 +87,9 @@ def main() -> None:
     cl_model = copy.deepcopy(base_model).to(device).to(memory_format=torch.channels_last)
     modes["channels_last"] = make_step(cl_model, criterion, images.contiguous(memory_format=torch.channels_last),
                                        targets, device)
-    modes["fast_train"] = make_step(optimize_for_training(copy.deepcopy(base_model).to(device)), criterion,
-                                    images, targets, device)
+    for name, sparse in (("fast_train", True), ("fast_train_torch_dropout", False)):
+        fast_model = optimize_for_training(copy.deepcopy(base_model).to(device), sparse_dropout=sparse)
+        modes[name] = make_step(fast_model, criterion, images, targets, device)
     if args.compile:
         compiled = torch.compile(copy.deepcopy(base_model).to(device))
         modes["compile"] = make_step(compiled, criterion, images, targets, device)
@@ -95,7 +100,7 @@ def main() -> None:
     rows = {}
     print(f"\ntraining step, batch {args.batch}, {shape.image_hw[0]}x{shape.image_hw[1]}, "
           f"median of {repeats} (warm-up {warmup}):")
-    print(f"{'mode':14s} {'median s':>9s} {'speed-up':>8s} {'first loss':>12s} {'|diff|':>9s} "
+    print(f"{'mode':24s} {'median s':>9s} {'speed-up':>8s} {'first loss':>12s} {'|diff|':>9s} "
           f"{'peak RSS MiB':>12s} {'RSS before':>10s} {'CUDA max MiB':>12s}")
     for name, step in modes.items():
         rec = step.record
@@ -107,7 +112,7 @@ def main() -> None:
         rows[name] = {"median_s": m, "speedup_vs_eager_fp32": base / m, "times_s": times[name],
                       "first_loss": rec["losses"][0], "first_loss_abs_diff": diff,
                       "peak_rss_mb": peak, "rss_before_step_mb": before, "cuda_max_allocated_mb": cuda_peak}
-        print(f"{name:14s} {m:9.3f} {base / m:7.2f}x {rec['losses'][0]:12.6f} {diff:9.2e} "
+        print(f"{name:24s} {m:9.3f} {base / m:7.2f}x {rec['losses'][0]:12.6f} {diff:9.2e} "
               f"{peak or float('nan'):12.0f} {before or float('nan'):10.0f} "
               f"{cuda_peak if cuda_peak is not None else float('nan'):12.0f}", flush=True)
 

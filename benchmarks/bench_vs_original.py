@@ -13,7 +13,9 @@ strict=True, so both compute the same function: the outputs' max abs difference 
 Inference modes: the original, the project's plain path, `optimize_for_inference` (predict.py's
 default) and its ONNX Runtime backend. Training (--train): the original model with its own
 SetCriterion and HungarianMatcher, the plain path and `optimize_for_training` (main.py's default),
-each with AdamW and clipping as main.py; --dropout sets every dropout (issue 12 measured with 0).
+each with AdamW and clipping as main.py; --dropout sets every dropout (issue 12 measured with 0;
+with p > 0 optimize_for_training draws its dropout with models/dropout.py, so its first loss differs
+from the others' by the draws, not by rounding).
 Modes run in turn round by round (wall clock, or --cpu-time), medians reported against the original.
 """
 from __future__ import annotations

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.dropout import sparse_dropout
+
 
 class MultiheadAttention(nn.Module):
     """Sequence-first attention: query [L, B, d], key/value [S, B, d] -> ([L, B, d], weights or None)."""
@@ -21,6 +23,7 @@ class MultiheadAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.dropout = dropout
+        self.sparse_dropout = False  # models.fuse.optimize_for_training turns it on (CPU training)
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
         self.out_proj = nn.Linear(embed_dim, embed_dim)
@@ -39,13 +42,17 @@ class MultiheadAttention(nn.Module):
         v = self._heads(F.linear(value, w_v, b_v))
         dropout_p = self.dropout if self.training else 0.0
         weights: Optional[Tensor] = None
-        if need_weights:
+        # SDPA's CPU kernels have no dropout: with it, SDPA runs this same math, so the sparse
+        # dropout is applied here to the attention weights instead.
+        sparse = (self.sparse_dropout and dropout_p > 0.0 and q.device.type == "cpu"
+                  and not torch.compiler.is_compiling())
+        if need_weights or sparse:
             scores = (q / (dim // self.num_heads) ** 0.5) @ k.transpose(-2, -1)
             if key_padding_mask is not None:
                 scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
             attn = scores.softmax(-1)
-            weights = attn.mean(1)
-            out = F.dropout(attn, dropout_p, self.training) @ v
+            weights = attn.mean(1) if need_weights else None
+            out = (sparse_dropout if sparse else F.dropout)(attn, dropout_p, self.training) @ v
         else:
             allowed: Optional[Tensor] = None
             if key_padding_mask is not None:

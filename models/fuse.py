@@ -11,6 +11,8 @@ main.py and the benchmarks alike:
   that convolution, conv2d(x, W * s, b'), from the same parameters and buffers, plus channels_last.
   Same forward, same gradients (up to fp32 rounding), and the same state_dict keys and values, so
   checkpoints keep the original's layout; trainable BatchNorm2d (--backbone_weights none) is left as is.
+  Dropout on the CPU draws the dropped positions instead of a mask (models/dropout.py; same
+  distribution, other draws than F.dropout).
 Both change `model` in place and return it; they wrap whatever DETR-like model they get.
 
 The building blocks, `fold_frozen_batchnorm` and `to_channels_last`, are public for scripts that
@@ -26,6 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from models.attention import MultiheadAttention
+from models.dropout import SparseDropout
 
 INFERENCE_BACKENDS = ("torch", "onnxruntime")
 
@@ -265,12 +270,16 @@ class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
         return x
 
 
-def optimize_for_training(model: nn.Module) -> nn.Module:
+def optimize_for_training(model: nn.Module, sparse_dropout: bool = True) -> nn.Module:
     """The faster training form of `model` (in place): each conv -> FrozenBatchNorm2d pair runs
     as one NormFoldedConv2d (skipping two elementwise passes over the activation and their
-    backward), and channels_last. Parameters, buffers and state_dict keys are unchanged, so the
-    optimiser, DDP and checkpoints see the original layout; the loss equals the plain model's up to
-    fp32 rounding. Apply before building the optimiser or wrapping in DDP; deepcopy works after."""
+    backward), and channels_last. With `sparse_dropout`, dropout (nn.Dropout modules and the
+    attention weights' dropout) draws the dropped positions instead of a mask on the CPU
+    (models/dropout.py): same distribution, other draws than F.dropout for the same seed.
+    Parameters, buffers and state_dict keys are unchanged, so the optimiser, DDP and checkpoints
+    see the original layout; with the same dropout draws (or none) the loss equals the plain
+    model's up to fp32 rounding. Apply before building the optimiser or wrapping in DDP; deepcopy
+    works after."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not FrozenBatchNorm2d:  # not trainable BatchNorm2d, not already folded
@@ -282,4 +291,10 @@ def optimize_for_training(model: nn.Module) -> nn.Module:
             setattr(parent, conv_name, NormFoldedConv2d.taking_over(getattr(parent, conv_name), norm))
             setattr(parent, name, norm)
     fuse_residual_layers(model)  # the frozen layer1 (and evaluation under no_grad) run fused
+    if sparse_dropout:
+        for module in model.modules():
+            if type(module) is nn.Dropout:
+                module.__class__ = SparseDropout  # a subclass without state: p and inplace carry over
+            elif isinstance(module, MultiheadAttention):
+                module.sparse_dropout = True
     return to_channels_last(model)

@@ -9,7 +9,9 @@ import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from models.backbone import Backbone, Joiner
+from models.attention import MultiheadAttention
 from models.detr import DETR
+from models.dropout import SparseDropout
 from models.criterion import SetCriterion
 from models.fuse import (FoldedFrozenBatchNorm2d, FusedResidualLayer, NormFoldedConv2d, fold_frozen_batchnorm,
                          optimize_for_inference, optimize_for_training, to_channels_last)
@@ -151,7 +153,7 @@ def _loss(model, images, criterion) -> torch.Tensor:
 
 def test_optimize_for_training_keeps_loss_gradients_and_state_dict(images):
     plain = _tiny_detr(aux_loss=True).train()
-    fast = optimize_for_training(copy.deepcopy(plain))
+    fast = optimize_for_training(copy.deepcopy(plain), sparse_dropout=False)  # torch's dropout draws
     assert sum(isinstance(m, NormFoldedConv2d) for m in fast.modules()) == 20  # every resnet18 conv + norm pair
     assert sum(isinstance(m, FoldedFrozenBatchNorm2d) for m in fast.modules()) == 20
     assert list(fast.state_dict()) == list(plain.state_dict())
@@ -183,6 +185,25 @@ def test_optimize_for_training_keeps_loss_gradients_and_state_dict(images):
     reloaded.load_state_dict(fast.state_dict(), strict=True)
     for name, tensor in plain.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_optimize_for_training_draws_dropout_sparsely_and_otherwise_keeps_the_loss(images):
+    """The default swaps every nn.Dropout for SparseDropout and makes attention drop its weights the
+    same way: other draws, so with dropout on the loss differs; with p = 0 it equals the plain loss."""
+    plain = _tiny_detr(aux_loss=True).train()
+    fast = optimize_for_training(copy.deepcopy(plain))
+    assert not any(type(m) is torch.nn.Dropout for m in fast.modules())
+    assert sum(isinstance(m, SparseDropout) for m in fast.modules()) == 7  # 3 in the encoder layer, 4 in the decoder layer
+    assert all(m.sparse_dropout for m in fast.modules() if isinstance(m, MultiheadAttention))
+    criterion = _criterion()
+    assert abs(_loss(plain, images, criterion).item() - _loss(fast, images, criterion).item()) > 1e-6
+    for model in (plain, fast):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            elif isinstance(module, MultiheadAttention):
+                module.dropout = 0.0
+    assert abs(_loss(plain, images, criterion).item() - _loss(fast, images, criterion).item()) < 1e-5
 
 
 def test_strided_1x1_conv_takes_its_pixels_first_when_only_its_weights_need_gradients():
