@@ -32,6 +32,7 @@ from datasets.transforms import AUGMENTATIONS
 from engine import AMP_MODES, NonFiniteLossError, autocast_context, evaluate, make_grad_scaler, train_one_epoch
 from models import build_model
 from models.fuse import optimize_for_inference, optimize_for_training, to_channels_last
+from util import allocator
 from util import distributed as dist_utils
 from util.checkpoint import (RESUME_AUTO, CheckpointError, adapt_for_finetune, capture_rng_state,
                              ensure_writable_dir, fit_training_only, load_checkpoint, load_model_state,
@@ -180,6 +181,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="with the fast training path, keep torch's dropout (one Bernoulli draw per element: the "
                           "draws --no_fast_train makes for a seed) instead of models/dropout.py's, which has the "
                           "same distribution and is ~3x faster on the CPU")
+    run.add_argument("--no_malloc_tuning", action="store_true",
+                     help="leave glibc malloc as it is; by default, on the CPU, freed memory stays in the process "
+                          "so each step reuses its activations' pages instead of page-faulting them in again "
+                          "(util/allocator.py: a CPU training step 1.3x faster, peak memory +10 %% and kept)")
     run.add_argument("--fuse_eval", action="store_true",
                      help="with --eval: fold frozen BatchNorm into the convolutions and use channels_last "
                           "(models.fuse.optimize_for_inference; outputs within ~1e-5)")
@@ -377,6 +382,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--grad_accum_steps {args.grad_accum_steps}: must be 1 or more")
     device = _check_device(args.device)
     autocast_context(args.amp, device)  # refuses e.g. fp16 on CPU before any work
+    if device.type == "cpu" and not args.no_malloc_tuning:
+        allocator.retain_freed_memory()  # before the model and its activations are allocated
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and dist_utils.is_main_process():
         ensure_writable_dir(output_dir)

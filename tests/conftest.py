@@ -22,8 +22,9 @@ def _isolated_torch_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def malloc_tuning_calls(request, monkeypatch) -> list:
-    """predict.py tunes glibc malloc for its whole process (util/allocator.py); tests that run it in
-    this process record the call instead, so the test process keeps the default allocator.
+    """predict.py and main.py tune glibc malloc for their whole process on the CPU (util/allocator.py);
+    tests that run them in this process record the call instead, so the test process keeps the
+    default allocator.
     Tests marked `real_allocator` get the real function."""
     calls: list = []
     if request.node.get_closest_marker("real_allocator") is None:

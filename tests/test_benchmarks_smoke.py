@@ -122,8 +122,10 @@ def test_pil_baseline_recipe_geometry():
     assert images.shape == (2, 3, 4, 3) and mask.sum().item() == 6 + 8
 
 
-def test_allocator_benchmark_runs_both_modes_in_their_own_processes(tmp_path, run_bench):
-    data = run_bench("bench_allocator.py", tmp_path / "alloc.json", "--repeats", "1")
+@pytest.mark.parametrize("train", [False, True])
+def test_allocator_benchmark_runs_both_modes_in_their_own_processes(tmp_path, run_bench, train):
+    data = run_bench("bench_allocator.py", tmp_path / "alloc.json", "--repeats", "1", *(["--train"] if train else []))
+    assert data["config"]["train_batch"] == (2 if train else None)
     rows = data["results"]
     assert set(rows) == {"glibc_default", "retain_freed_memory"}
     assert rows["glibc_default"]["applied"] is False
