@@ -47,10 +47,7 @@ class MultiheadAttention(nn.Module):
         sparse = (self.sparse_dropout and dropout_p > 0.0 and q.device.type == "cpu"
                   and not torch.compiler.is_compiling())
         if need_weights or sparse:
-            scores = (q / (dim // self.num_heads) ** 0.5) @ k.transpose(-2, -1)
-            if key_padding_mask is not None:
-                scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-            attn = scores.softmax(-1)
+            attn = self._scores(q, k, key_padding_mask).softmax(-1)
             weights = attn.mean(1) if need_weights else None
             out = (sparse_dropout if sparse else F.dropout)(attn, dropout_p, self.training) @ v
         else:
@@ -60,6 +57,21 @@ class MultiheadAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
         out = out.permute(2, 0, 1, 3).reshape(length, batch, dim)
         return self.out_proj(out), weights
+
+    def _scores(self, q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        """q k^T / sqrt(d_head), -inf at padded keys: [B, heads, L, S]. The padding enters as the
+        matmul's added bias (baddbmm), so no masked copy of the scores is made, nor one of their grad."""
+        batch, heads, length, head_dim = q.shape
+        q3 = q.reshape(batch * heads, length, head_dim)
+        k3 = k.reshape(batch * heads, k.shape[2], head_dim).transpose(1, 2)
+        if key_padding_mask is None:
+            scores = torch.bmm(q3 * head_dim ** -0.5, k3)
+        else:
+            bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]
+            bias = bias.expand(batch, heads, 1, k3.shape[2]).reshape(batch * heads, 1, k3.shape[2])
+            scores = torch.baddbmm(bias, q3, k3, alpha=head_dim ** -0.5)
+        return scores.view(batch, heads, length, -1)
 
     def _heads(self, x: Tensor) -> Tensor:
         """[N, B, d] -> [B, heads, N, d/heads]."""

@@ -93,3 +93,17 @@ def test_sparse_attention_dropout_averages_to_the_undropped_attention():
         assert ((draws.mean(0) - expected).abs() < 5 * spread / 20 + 1e-6).all()
     ratio = (sparse_draws.std(0) / torch_draws.std(0)).median().item()
     assert 0.8 < ratio < 1.25
+
+
+def test_sparse_attention_dropout_ignores_padded_keys():
+    torch.manual_seed(0)
+    attention = MultiheadAttention(16, 2, dropout=0.3).train()
+    attention.sparse_dropout = True
+    query, key = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
+    value = torch.randn(7, 2, 16, requires_grad=True)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    out = attention(query, key, value, key_padding_mask=padding)[0]
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert (value.grad[4:, 1] == 0).all() and (value.grad[:4, 1] != 0).any()
