@@ -17,6 +17,8 @@ each with AdamW and clipping as main.py; --dropout sets every dropout (issue 12 
 with p > 0 optimize_for_training draws its dropout with models/dropout.py, so its first loss differs
 from the others' by the draws, not by rounding).
 Modes run in turn round by round (wall clock, or --cpu-time), medians reported against the original.
+The process keeps glibc's default allocator unless --retain_freed_memory (then every mode, the
+original's too, runs with the setting predict.py and main.py apply on the CPU).
 """
 from __future__ import annotations
 
@@ -105,7 +107,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="images per forward or step (default 1; --train 2)")
     parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
     parser.add_argument("--dropout", type=float, default=0.0, help="--train: dropout everywhere (default 0)")
+    parser.add_argument("--retain_freed_memory", action="store_true",
+                        help="first apply util/allocator.py's glibc setting (predict.py's and main.py's CPU "
+                             "default) to this process, so every mode runs with it")
     args = parser.parse_args()
+    if args.retain_freed_memory:
+        from util.allocator import retain_freed_memory
+
+        retain_freed_memory()  # before any model or activation is allocated
     device = setup(args)
     shape = QUICK if args.quick else FULL
     batch = args.batch or (2 if args.train else 1)
@@ -172,7 +181,8 @@ def main() -> None:
         "benchmark": "vs_original", "machine": info, "quick": args.quick,
         "config": {"original": str(Path(args.original).resolve()), "original_detr_py": original_modules.detr.__file__,
                    "batch": batch, "train": args.train,
-                   "dropout": args.dropout if args.train else None, "warmup": warmup, "repeats": repeats,
+                   "dropout": args.dropout if args.train else None,
+                   "retain_freed_memory": args.retain_freed_memory, "warmup": warmup, "repeats": repeats,
                    "cpu_time": args.cpu_time, "model": shape.__dict__},
         "results": rows}, args.out)
 

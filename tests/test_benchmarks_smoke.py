@@ -134,7 +134,7 @@ def test_allocator_benchmark_runs_both_modes_in_their_own_processes(tmp_path, ru
         assert len(row["times_s"]) == 1 and len(row["times_s"][0]) == data["config"]["forwards"]
 
 
-def test_side_by_side_with_an_original_clone(tmp_path, run_bench):
+def test_side_by_side_with_an_original_clone(tmp_path, run_bench, malloc_tuning_calls):
     """bench_vs_original.py imports the original's models/ and util/ from a clone, apart from this
     project's packages of the same names. The original cannot be downloaded here, so a copy of this
     project's own models/ and util/ (the original's constructors and state_dict layout) stands in."""
@@ -157,7 +157,8 @@ def test_side_by_side_with_an_original_clone(tmp_path, run_bench):
         assert row["median_s"] > 0 and row["max_abs_diff"] <= 1e-4
 
     data = run_bench("bench_vs_original.py", tmp_path / "vs_train.json", "--original", str(clone), "--train",
-                     "--warmup", "0", "--repeats", "1")
+                     "--warmup", "0", "--repeats", "1", "--retain_freed_memory")
+    assert malloc_tuning_calls == [True] and data["config"]["retain_freed_memory"] is True
     rows = data["results"]
     assert set(rows) == {"original", "plain", "fast_train"} and data["config"]["batch"] == 2
     for row in rows.values():
