@@ -181,12 +181,13 @@ class FusedResidualLayer(nn.Sequential):
     sum written into the residual tensor. Past the first block that tensor is the previous block's
     output, so a forward allocates no new activation for it: ~1.1x for R50-DETR on CPU, outputs
     identical. CPU fp32 without autocast, where no autograd graph is needed (inference; the frozen
-    layer1 when training); otherwise the blocks' own forward."""
+    layer1 when training); otherwise, and inside torch.compile, the blocks' own forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (x.device.type == "cpu" and x.dtype == torch.float32 and self.needs_no_autograd(x)
+        if torch.compiler.is_compiling() or not (
+                x.device.type == "cpu" and x.dtype == torch.float32 and self.needs_no_autograd(x)
                 and not torch.is_autocast_enabled("cpu") and _mkldnn_pointwise_available()):
-            return super().forward(x)
+            return super().forward(x)  # compiled: inductor fuses the blocks itself, without graph breaks
         pointwise, pointwise_ = torch.ops.mkldnn._convolution_pointwise, torch.ops.mkldnn._convolution_pointwise_
         for index, block in enumerate(self):
             convs = _block_convs(block)
