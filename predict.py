@@ -97,10 +97,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                             help="onnxruntime (CPU, box models): the folded model exported once to ONNX, cached "
                                  "next to the checkpoint under its weights' hash, and run by ONNX Runtime "
                                  "(benchmarks/README.md: faster than the torch path on CPU)")
-    prediction.add_argument("--no_malloc_tuning", action="store_true",
-                            help="leave glibc malloc as it is; by default freed memory stays in the process so each "
-                                 "forward reuses its activations' pages instead of page-faulting them in again "
-                                 "(util/allocator.py: ~1.07x end to end on CPU; the process keeps its peak memory)")
     prediction.add_argument("--no_group", action="store_true",
                             help="batch the pictures in file order; by default batches gather pictures of similar "
                                  "aspect ratio (less padding; outputs are per picture, ids in file order either way)")

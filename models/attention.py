@@ -44,12 +44,15 @@ class MultiheadAttention(nn.Module):
         weights: Optional[Tensor] = None
         # SDPA's CPU kernels have no dropout: with it, SDPA runs this same math, so the sparse
         # dropout is applied here to the attention weights instead.
-        sparse = (self.sparse_dropout and dropout_p > 0.0 and q.device.type == "cpu"
-                  and not torch.compiler.is_compiling())
+        sparse = False
+        if not torch.jit.is_scripting():  # scripted models are for inference: no sparse dropout there
+            sparse = (self.sparse_dropout and dropout_p > 0.0 and q.device.type == "cpu"
+                      and not torch.compiler.is_compiling())
         if need_weights or sparse:
             attn = self._scores(q, k, key_padding_mask).softmax(-1)
-            weights = attn.mean(1) if need_weights else None
-            out = (sparse_dropout if sparse else F.dropout)(attn, dropout_p, self.training) @ v
+            if need_weights:
+                weights = attn.mean(1)
+            out = self._attention_dropout(attn, dropout_p, sparse) @ v
         else:
             allowed: Optional[Tensor] = None
             if key_padding_mask is not None:
@@ -57,6 +60,12 @@ class MultiheadAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
         out = out.permute(2, 0, 1, 3).reshape(length, batch, dim)
         return self.out_proj(out), weights
+
+    def _attention_dropout(self, attn: Tensor, p: float, sparse: bool) -> Tensor:
+        if not torch.jit.is_scripting():
+            if sparse:
+                return sparse_dropout(attn, p, self.training)
+        return F.dropout(attn, p, self.training)
 
     def _scores(self, q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
         """q k^T / sqrt(d_head), -inf at padded keys: [B, heads, L, S]. The padding enters as the
