@@ -24,6 +24,7 @@ from torch import nn
 
 SPARE_DEVIATIONS = 8.0  # first draw: the expected count plus this many standard deviations
 
+
 def dropped_positions(numel: int, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Sorted int64 indices in [0, numel), each present independently with probability p."""
     if not 0.0 < p < 1.0:

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import models.dropout as dropout_module
 from models.attention import MultiheadAttention
