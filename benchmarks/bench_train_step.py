@@ -21,6 +21,7 @@ memory of a step: CPU RSS from VmHWM of /proc/self/status (reset before each ste
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -33,8 +34,11 @@ from models.fuse import optimize_for_training
 CLIP_MAX_NORM = 0.1
 
 
-def make_step(model, criterion, images, targets, device):
-    """A no-argument callable running one training step; it records losses and peak memory."""
+def make_step(model, criterion, images, targets, device, autocast_dtype=None):
+    """A no-argument callable running one training step; it records losses and peak memory.
+
+    autocast_dtype (torch.bfloat16, say) runs forward and loss under autocast, as engine.py's --amp does;
+    fp16 would need a GradScaler, so only bf16 is meant here."""
     optimizer = build_optimizer(model)
     weight_dict = criterion.weight_dict
     record = {"losses": [], "peak_rss_mb": [], "rss_before_mb": [], "cuda_max_allocated_mb": []}
@@ -46,9 +50,12 @@ def make_step(model, criterion, images, targets, device):
         reset_peak_rss()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        outputs = model(images)
-        loss_dict = criterion(outputs, targets)
-        loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+        amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+               else contextlib.nullcontext())
+        with amp:
+            outputs = model(images)
+            loss_dict = criterion(outputs, targets)
+            loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_MAX_NORM)

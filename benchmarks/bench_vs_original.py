@@ -16,6 +16,10 @@ SetCriterion and HungarianMatcher, the plain path and `optimize_for_training` (m
 each with AdamW and clipping as main.py; --dropout sets every dropout (issue 12 measured with 0;
 with p > 0 optimize_for_training draws its dropout with models/dropout.py, so its first loss differs
 from the others' by the draws, not by rounding).
+--amp bf16 (or fp16, inference only) adds the same codes under autocast: the original's model and the
+project's fast path each wrapped in torch.autocast (the original has no such flag; a user would wrap it
+so), each row's ratio given against the original at the same precision too. TF32 stays torch's default
+for every mode (convolutions on, matmuls off), printed with the machine.
 Modes run in turn round by round (wall clock, or --cpu-time), medians reported against the original.
 The process keeps glibc's default allocator unless --retain_freed_memory (then every mode, the
 original's too, runs with the setting predict.py and main.py apply on the CPU).
@@ -110,7 +114,11 @@ def main() -> None:
     parser.add_argument("--retain_freed_memory", action="store_true",
                         help="first apply util/allocator.py's glibc setting (predict.py's and main.py's CPU "
                              "default) to this process, so every mode runs with it")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                        help="also time the original and the fast path under this autocast (bf16 only with --train)")
     args = parser.parse_args()
+    if args.train and args.amp == "fp16":
+        raise SystemExit("--amp fp16 --train: fp16 training needs a GradScaler; use --amp bf16")
     if args.retain_freed_memory:
         from util.allocator import retain_freed_memory
 
@@ -123,6 +131,10 @@ def main() -> None:
     info = machine_info(device)
     print_machine(info)
     print(f"model: {shape}, batch {batch}, {'training' if args.train else 'inference'}", flush=True)
+    if device.type == "cuda":
+        print(f"TF32: convolutions {torch.backends.cudnn.allow_tf32}, matmuls {torch.backends.cuda.matmul.allow_tf32}",
+              flush=True)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp]
 
     original_modules = import_original(args.original)
     ours = build_detr(shape, aux_loss=args.train)
@@ -145,15 +157,25 @@ def main() -> None:
                  "plain": make_step(copy.deepcopy(ours), criterion, images, targets, device),
                  "fast_train": make_step(optimize_for_training(copy.deepcopy(ours)), criterion, images, targets,
                                          device)}
+        if amp_dtype is not None:
+            modes[f"original_{args.amp}"] = make_step(
+                copy.deepcopy(original), build_original_criterion(original_modules, shape).to(device), images,
+                targets, device, autocast_dtype=amp_dtype)
+            modes[f"fast_train_{args.amp}"] = make_step(optimize_for_training(copy.deepcopy(ours)), criterion,
+                                                        images, targets, device, autocast_dtype=amp_dtype)
     else:
         from models.fuse import optimize_for_inference
 
         ours.eval()
         original.eval()
+        fused = optimize_for_inference(copy.deepcopy(ours))
+        images_cl = images.contiguous(memory_format=torch.channels_last)
         modes = {"original": make_runner(original, images, torch.no_grad),
                  "plain": make_runner(ours, images, torch.no_grad),
-                 "fold_bn_cl": make_runner(optimize_for_inference(copy.deepcopy(ours)),
-                                           images.contiguous(memory_format=torch.channels_last), torch.inference_mode)}
+                 "fold_bn_cl": make_runner(fused, images_cl, torch.inference_mode)}
+        if amp_dtype is not None:
+            modes[f"original_{args.amp}"] = make_runner(original, images, torch.no_grad, amp_dtype)
+            modes[f"fold_bn_cl_{args.amp}"] = make_runner(fused, images_cl, torch.inference_mode, amp_dtype)
         if device.type == "cpu":
             cache = tempfile.TemporaryDirectory()
             onnx = optimize_for_inference(copy.deepcopy(ours), backend="onnxruntime", onnx_cache_dir=cache.name)
@@ -162,24 +184,29 @@ def main() -> None:
     times = time_alternating(modes, warmup, repeats, device, clock(args))
     base = median(times["original"])
     rows = {}
-    print(f"\n{'mode':12s} {'median s':>9s} {'vs original':>11s}  {'difference from the original':>28s}  rounds")
+    print(f"\n{'mode':17s} {'median s':>9s} {'vs original':>11s} {'same precision':>14s}  "
+          f"{'difference from the original':>28s}  rounds")
     for name, fn in modes.items():
         m = median(times[name])
+        # the original at this row's precision: original_bf16 for the bf16 rows, else the fp32 original
+        same = f"original_{args.amp}" if args.amp and name.endswith(f"_{args.amp}") else "original"
+        same_ratio = median(times[same]) / m
         if args.train:
             first = fn.record["losses"][0]
-            difference = abs(first - modes["original"].record["losses"][0])
+            difference = abs(first - modes[same].record["losses"][0])
             row = {"first_loss": first, "first_loss_abs_diff": difference}
             shown = f"first loss {first:.6f} ({difference:.1e})"
             if name == "fast_train" and args.dropout > 0:
                 row["other_dropout_draws"] = True  # models/dropout.py: same distribution, other draws
                 shown += "*"
         else:
-            difference = max_abs_diff(fn.last, modes["original"].last)
+            difference = max_abs_diff(fn.last, modes[same].last)
             row = {"max_abs_diff": difference}
             shown = f"max abs diff {difference:.1e}"
-        rows[name] = {"median_s": m, "speedup_vs_original": base / m, "times_s": times[name], **row}
-        print(f"{name:12s} {m:9.3f} {base / m:10.2f}x  {shown:>28s}  " + " ".join(f"{t:.2f}" for t in times[name]),
-              flush=True)
+        rows[name] = {"median_s": m, "speedup_vs_original": base / m, "speedup_vs_original_same_precision": same_ratio,
+                      "times_s": times[name], **row}
+        print(f"{name:17s} {m:9.4f} {base / m:10.2f}x {same_ratio:13.2f}x  {shown:>28s}  "
+              + " ".join(f"{t:.3f}" for t in times[name]), flush=True)
     if args.train and args.dropout > 0:
         print("* optimize_for_training draws dropout with models/dropout.py (same distribution, other draws), "
               "so its first loss differs by the draws")
@@ -188,7 +215,7 @@ def main() -> None:
         "config": {"original": str(Path(args.original).resolve()), "original_detr_py": original_modules.detr.__file__,
                    "batch": batch, "train": args.train,
                    "dropout": args.dropout if args.train else None,
-                   "retain_freed_memory": args.retain_freed_memory, "warmup": warmup, "repeats": repeats,
+                   "retain_freed_memory": args.retain_freed_memory, "amp": args.amp, "warmup": warmup, "repeats": repeats,
                    "cpu_time": args.cpu_time, "model": shape.__dict__},
         "results": rows}, args.out)
 

@@ -147,24 +147,32 @@ def test_side_by_side_with_an_original_clone(tmp_path, run_bench, malloc_tuning_
 
     ours_before = sys.modules["models.detr"]
     data = run_bench("bench_vs_original.py", tmp_path / "vs.json", "--original", str(clone), "--warmup", "0",
-                     "--repeats", "1")
+                     "--repeats", "1", "--amp", "bf16")
     assert sys.modules["models.detr"] is ours_before  # the project's packages are back in place
     assert data["config"]["original_detr_py"] == str(clone.resolve() / "models" / "detr.py")
     rows = data["results"]
-    assert set(rows) == {"original", "plain", "fold_bn_cl", "onnxruntime"}
+    assert set(rows) == {"original", "plain", "fold_bn_cl", "onnxruntime", "original_bf16", "fold_bn_cl_bf16"}
     assert rows["original"]["max_abs_diff"] == 0.0 and rows["original"]["speedup_vs_original"] == 1.0
-    for row in rows.values():
-        assert row["median_s"] > 0 and row["max_abs_diff"] <= 1e-4
+    assert rows["original_bf16"]["max_abs_diff"] == 0.0 and rows["original_bf16"]["speedup_vs_original_same_precision"] == 1.0
+    for name, row in rows.items():
+        # the bf16 rows are compared with the original under the same autocast: bf16 rounding, not 1e-4
+        assert row["median_s"] > 0 and row["max_abs_diff"] <= (0.1 if name.endswith("bf16") else 1e-4)
+    assert 0 < rows["fold_bn_cl_bf16"]["max_abs_diff"]  # autocast really ran: bf16 differs from fp32 folding
 
     data = run_bench("bench_vs_original.py", tmp_path / "vs_train.json", "--original", str(clone), "--train",
-                     "--warmup", "0", "--repeats", "1", "--retain_freed_memory")
+                     "--warmup", "0", "--repeats", "1", "--retain_freed_memory", "--amp", "bf16")
     assert malloc_tuning_calls == [True] and data["config"]["retain_freed_memory"] is True
     rows = data["results"]
-    assert set(rows) == {"original", "plain", "fast_train"} and data["config"]["batch"] == 2
-    for row in rows.values():
-        assert row["median_s"] > 0 and row["first_loss_abs_diff"] <= 1e-5 * rows["original"]["first_loss"]
+    assert set(rows) == {"original", "plain", "fast_train", "original_bf16", "fast_train_bf16"}
+    assert data["config"]["batch"] == 2 and data["config"]["amp"] == "bf16"
+    for name, row in rows.items():
+        bound = 2e-2 if name.endswith("bf16") else 1e-5  # bf16 rows: against the original under autocast
+        assert row["median_s"] > 0 and row["first_loss_abs_diff"] <= bound * rows["original"]["first_loss"]
+    assert rows["original_bf16"]["first_loss"] != rows["original"]["first_loss"]  # autocast really ran
 
 
 def test_side_by_side_refuses_a_folder_that_is_not_a_clone(tmp_path, run_bench):
     with pytest.raises(SystemExit, match="not a DETR clone"):
         run_bench("bench_vs_original.py", tmp_path / "vs.json", "--original", str(tmp_path))
+    with pytest.raises(SystemExit, match="needs a GradScaler"):
+        run_bench("bench_vs_original.py", tmp_path / "vs.json", "--original", str(tmp_path), "--train", "--amp", "fp16")
