@@ -157,7 +157,8 @@ def test_side_by_side_with_an_original_clone(tmp_path, run_bench, malloc_tuning_
     for name, row in rows.items():
         # the bf16 rows are compared with the original under the same autocast: bf16 rounding, not 1e-4
         assert row["median_s"] > 0 and row["max_abs_diff"] <= (0.1 if name.endswith("bf16") else 1e-4)
-    assert 0 < rows["fold_bn_cl_bf16"]["max_abs_diff"]  # autocast really ran: bf16 differs from fp32 folding
+    # autocast really ran in both: fp32 codes agree to ~1e-6, bf16 rounding leaves more than 1e-4
+    assert rows["fold_bn_cl_bf16"]["max_abs_diff"] > 1e-4
 
     data = run_bench("bench_vs_original.py", tmp_path / "vs_train.json", "--original", str(clone), "--train",
                      "--warmup", "0", "--repeats", "1", "--retain_freed_memory", "--amp", "bf16")
