@@ -55,7 +55,7 @@ class MultiheadAttention(nn.Module):
             out = self._attention_dropout(attn, dropout_p, sparse) @ v
         else:
             allowed: Optional[Tensor] = None
-            if key_padding_mask is not None:
+            if key_padding_mask is not None and not _nothing_padded(key_padding_mask):
                 allowed = ~key_padding_mask[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
         out = out.permute(2, 0, 1, 3).reshape(length, batch, dim)
@@ -86,3 +86,16 @@ class MultiheadAttention(nn.Module):
         """[N, B, d] -> [B, heads, N, d/heads]."""
         n, b, d = x.shape
         return x.reshape(n, b, self.num_heads, d // self.num_heads).permute(1, 2, 0, 3)
+
+
+def _nothing_padded(key_padding_mask: Tensor) -> bool:
+    """True when no key is padded (a batch of one image, or of equal sizes) on the CPU: SDPA without
+    a mask gives bit-identical results ~10 % faster there (4.1 vs 4.5 ms per encoder attention at
+    800x1066). Not checked on GPUs (the check would synchronise), nor when compiling, scripting,
+    tracing or exporting to ONNX (the answer would be frozen into the graph for every later input)."""
+    if torch.jit.is_scripting():
+        return False
+    if (key_padding_mask.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()):
+        return False
+    return not bool(key_padding_mask.any())
