@@ -77,3 +77,34 @@ def test_transformer_parameters_are_xavier_initialised():
     model = Transformer(d_model=64, nhead=4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64)
     w = model.encoder.layers[0].linear1.weight  # xavier bound sqrt(6 / (64 + 64)) ~ 0.217; default init is 0.125
     assert w.abs().max() > 0.15 and w.abs().max() <= (6 / 128) ** 0.5 + 1e-6
+
+
+def test_attention_without_padding_skips_the_mask_but_a_traced_graph_keeps_it():
+    """No key padded (batch of one, or of equal sizes): SDPA runs without a mask, bit-identical to
+    the masked call. A trace or an ONNX export must not freeze that decision into the graph."""
+    torch.manual_seed(0)
+    attention = MultiheadAttention(16, 2).eval()
+    query, key = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
+    unpadded = torch.zeros(2, 7, dtype=torch.bool)
+    padded = unpadded.clone()
+    padded[1, 4:] = True
+    with torch.no_grad():
+        out, _ = attention(query, key, key, key_padding_mask=unpadded)
+        assert torch.equal(out, attention(query, key, key)[0])
+        reference = nn.MultiheadAttention(16, 2)
+        reference.load_state_dict(attention.state_dict())
+        reference.eval()
+        torch.testing.assert_close(attention(query, key, key, key_padding_mask=padded)[0],
+                                   reference(query, key, key, key_padding_mask=padded)[0], rtol=1e-5, atol=1e-6)
+        traced = torch.jit.trace(_CrossAttention(attention), (query, key, unpadded))
+        torch.testing.assert_close(traced(query, key, padded), attention(query, key, key, key_padding_mask=padded)[0])
+        assert not torch.allclose(traced(query, key, padded), traced(query, key, unpadded))
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, attention: MultiheadAttention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.attention(query, key, key, key_padding_mask=mask)[0]
