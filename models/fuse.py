@@ -2,10 +2,14 @@
 main.py and the benchmarks alike:
 
 - `optimize_for_inference(model)`: eval mode, every frozen norm folded into the convolution before
-  it (scaled weights plus a bias; the norm becomes an Identity), ResNet layers as
-  `FusedResidualLayer` (convolution + ReLU + residual addition in single oneDNN calls on the
-  CPU), channels_last. The state_dict changes: apply it after loading weights, and do not train
-  or save the result. With backend='onnxruntime' the folded model runs in ONNX Runtime instead
+  it (scaled weights plus a bias; the norm becomes an Identity), the wide stride-1 3x3
+  convolutions as Winograd F(4x4, 3x3) (models/winograd.py), the stem's convolution with its ReLU
+  (`StemConv2d`), ResNet layers as `FusedResidualLayer` (convolution + ReLU + residual addition in
+  single oneDNN calls on the CPU), channels_last. On the CPU the stem's output, layer1's shortcut
+  and the Winograd temporaries live in buffers kept from call to call (models/scratch.py), so a
+  forward does not page-fault them afresh; what the model returns is always new, but tensors taken
+  from inside its backbone are valid until its next call on the same thread. The state_dict
+  changes: apply it after loading weights, and do not train or save the result. With backend='onnxruntime' the folded model runs in ONNX Runtime instead
   (CPU; models/onnx_runtime.py).
 - `optimize_for_training(model)`: every FrozenBatchNorm2d after a convolution is computed inside
   that convolution, conv2d(x, W * s, b'), from the same parameters and buffers, plus channels_last.
@@ -208,10 +212,12 @@ def winograd_convolutions(model: nn.Module, min_channels: int = WINOGRAD_MIN_CHA
 def fuse_residual_layers(model: nn.Module) -> nn.Module:
     """Every ResNet layer (a Sequential of torchvision BasicBlock/Bottleneck whose norms are already
     folded) becomes a `FusedResidualLayer`: same submodules and names, another forward. Returns `model`."""
+    shared = ScratchBuffers()  # the Winograd temporaries: one arena for all layers, sized by the largest
     for module in model.modules():
         if type(module) is nn.Sequential and len(module) and all(_is_folded_block(b) for b in module):
             module.__class__ = FusedResidualLayer  # same modules and state; only the forward differs
-            module.scratch = ScratchBuffers()
+            module.scratch = ScratchBuffers()  # this layer's shortcut: alive while the next layer runs
+            module.winograd_scratch = shared
     return model
 
 
@@ -265,13 +271,15 @@ class FusedResidualLayer(nn.Sequential):
         pointwise, pointwise_ = torch.ops.mkldnn._convolution_pointwise, torch.ops.mkldnn._convolution_pointwise_
         # Inference keeps its large temporaries in buffers reused by the next call (not when a
         # frozen layer runs inside a training step: autograd may hold on to them).
-        scratch = self.scratch if _runs_fused_inference(x) else None
+        reuse = _runs_fused_inference(x)
+        scratch = self.scratch if reuse else None
+        winograd_scratch = self.winograd_scratch if reuse else None
         for index, block in enumerate(self):
             convs = _block_convs(block)
             out = x
             for conv in convs[:-1]:
                 if type(conv) is WinogradConv2d:
-                    out = conv.winograd(out, relu=True, scratch=scratch)
+                    out = conv.winograd(out, relu=True, scratch=winograd_scratch)
                 else:
                     out = pointwise(out, *_weight_and_bias(conv), *_conv_geometry(conv), "relu", [], "")
             last = convs[-1]

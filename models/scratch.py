@@ -38,6 +38,18 @@ class ScratchBuffers:
             buffers[name] = buffer
         return buffer
 
+    def arena(self, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat uninitialised buffer of at least `numel` elements, kept and only ever grown, for
+        temporaries carved out of it by callers that run one at a time (they are dead once the
+        caller returns, so layers of different sizes share it: its size is the largest need)."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(name)
+        if (buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device
+                or (buffer.is_inference() and not torch.is_inference_mode_enabled())):
+            buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+            buffers[name] = buffer
+        return buffer
+
     def clear(self) -> None:
         """Drop this thread's buffers (their memory goes back to the allocator)."""
         self._local.__dict__.pop("buffers", None)

@@ -13,6 +13,8 @@ relative to the output's range is 5.0e-6 against 1.5e-5 (oneDNN's direct convolu
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,42 +93,54 @@ class WinogradConv2d(nn.Conv2d):
 
     def winograd(self, x: torch.Tensor, relu: bool, scratch: ScratchBuffers | None = None) -> torch.Tensor:
         """conv2d(x) (+ ReLU), x [N, C, H, W]; the result is channels_last. With `scratch`, the
-        temporaries and the result are buffers kept there: the result is valid until the next
-        call with the same `scratch` (models.fuse.FusedResidualLayer, whose next conv reads it)."""
+        temporaries and the result are carved out of its arena "winograd": the result is valid
+        until the next call with the same `scratch` (models.fuse.FusedResidualLayer, whose next
+        convolution reads it before any other Winograd convolution of the model runs)."""
         m, n = self.tile, self.tile + 2
         batch, channels, height, width = x.shape
+        out_channels = self.out_channels
         rows, cols = -(-height // m), -(-width // m)
-
-        def buffer(name: str, *shape: int) -> torch.Tensor | None:
-            return None if scratch is None else scratch.get(name, shape, x)
+        tiles_count = batch * rows * cols
+        whole = rows * m == height and cols * m == width
+        shapes = {"padded": (batch, m * rows + 2, m * cols + 2, channels), "tiles": (n * n, batch, rows, cols, channels),
+                  "transformed": (n * n, tiles_count * channels), "products": (n * n, tiles_count, out_channels),
+                  "out_tiles": (m * m, tiles_count * out_channels), "tiled": (batch, rows * m, cols * m, out_channels),
+                  "out": (batch, height, width, out_channels)}
+        views: dict[str, torch.Tensor] = {}
+        if scratch is not None:
+            if whole:
+                del shapes["out"]
+            sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+            flat = scratch.arena("winograd", sum(sizes.values()), x)
+            start = 0
+            for name, shape in shapes.items():
+                views[name] = flat[start:start + sizes[name]].view(shape)
+                start += sizes[name]
 
         # NHWC, padded by 1 on top/left and up to whole tiles on bottom/right.
-        padded = buffer("padded", batch, m * rows + 2, m * cols + 2, channels)
-        if padded is None:
-            padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, m * cols + 1 - width, 1, m * rows + 1 - height))
-        else:
+        if "padded" in views:
+            padded = views["padded"]
             padded.zero_()[:, 1:height + 1, 1:width + 1].copy_(x.permute(0, 2, 3, 1))
+        else:
+            padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, m * cols + 1 - width, 1, m * rows + 1 - height))
         tiles = torch.stack([padded[:, i:i + m * rows:m, j:j + m * cols:m] for i in range(n) for j in range(n)],
-                            out=buffer("tiles", n * n, batch, rows, cols, channels))
-        transformed = torch.mm(self.input_transform, tiles.view(n * n, -1),
-                               out=buffer("transformed", n * n, batch * rows * cols * channels))
+                            out=views.get("tiles"))
+        transformed = torch.mm(self.input_transform, tiles.view(n * n, -1), out=views.get("transformed"))
         products = torch.baddbmm(self.winograd_bias, transformed.view(n * n, -1, channels), self.winograd_weight,
-                                 out=buffer("products", n * n, batch * rows * cols, self.out_channels))
-        out_tiles = torch.mm(self.output_transform, products.view(n * n, -1),
-                             out=buffer("out_tiles", m * m, batch * rows * cols * self.out_channels))
-        out_tiles = out_tiles.view(m, m, batch, rows, cols, self.out_channels).permute(2, 3, 0, 4, 1, 5)
-        whole = rows * m == height and cols * m == width
-        out = buffer("out" if whole else "whole_tiles", batch, rows * m, cols * m, self.out_channels)
+                                 out=views.get("products"))
+        out_tiles = torch.mm(self.output_transform, products.view(n * n, -1), out=views.get("out_tiles"))
+        out_tiles = out_tiles.view(m, m, batch, rows, cols, out_channels).permute(2, 3, 0, 4, 1, 5)
+        out = views.get("tiled")
         if out is None:
-            out = torch.empty(batch, rows * m, cols * m, self.out_channels, dtype=x.dtype, device=x.device)
-        tiled_out = out.view(batch, rows, m, cols, m, self.out_channels)
+            out = torch.empty(shapes["tiled"], dtype=x.dtype, device=x.device)
+        tiled_out = out.view(batch, rows, m, cols, m, out_channels)
         if relu:
             torch.clamp_min(out_tiles, 0, out=tiled_out)
         else:
             tiled_out.copy_(out_tiles)
         if not whole:
-            cropped = buffer("out", batch, height, width, self.out_channels)
-            out = out[:, :height, :width].contiguous() if cropped is None else cropped.copy_(out[:, :height, :width])
+            cropped = out[:, :height, :width]
+            out = cropped.contiguous() if "out" not in views else views["out"].copy_(cropped)
         return out.permute(0, 3, 1, 2)
 
 
