@@ -31,9 +31,8 @@ class ScratchBuffers:
         if it matches). Its contents are whatever the last user left: overwrite it entirely."""
         buffers = self._local.__dict__.setdefault("buffers", {})
         buffer = buffers.get(name)
-        if (buffer is None or buffer.shape != tuple(shape) or buffer.dtype != like.dtype
-                or buffer.device != like.device or not buffer.is_contiguous(memory_format=memory_format)
-                or (buffer.is_inference() and not torch.is_inference_mode_enabled())):
+        if (not _usable(buffer, like) or buffer.shape != tuple(shape)
+                or not buffer.is_contiguous(memory_format=memory_format)):
             buffer = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
             buffers[name] = buffer
         return buffer
@@ -44,8 +43,7 @@ class ScratchBuffers:
         caller returns, so layers of different sizes share it: its size is the largest need)."""
         buffers = self._local.__dict__.setdefault("buffers", {})
         buffer = buffers.get(name)
-        if (buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device
-                or (buffer.is_inference() and not torch.is_inference_mode_enabled())):
+        if not _usable(buffer, like) or buffer.numel() < numel:
             buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
             buffers[name] = buffer
         return buffer
@@ -60,3 +58,10 @@ class ScratchBuffers:
 
     def __reduce__(self) -> tuple:
         return (ScratchBuffers, ())
+
+
+def _usable(buffer: torch.Tensor | None, like: torch.Tensor) -> bool:
+    """A kept buffer of `like`'s dtype and device that may be written here (an inference-mode
+    tensor cannot be written outside inference mode)."""
+    return (buffer is not None and buffer.dtype == like.dtype and buffer.device == like.device
+            and not (buffer.is_inference() and not torch.is_inference_mode_enabled()))

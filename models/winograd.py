@@ -46,9 +46,10 @@ def winograd_matrices(m: int, r: int = 3) -> tuple[torch.Tensor, torch.Tensor, t
                 coefficients[:, col] = a_t[i] * g[:, k]
                 equations.append(coefficients.flatten())
                 targets.append(float(col - i == k))
-    b_t = torch.linalg.lstsq(torch.stack(equations), torch.tensor(targets, dtype=torch.float64)).solution
+    system, rhs = torch.stack(equations), torch.tensor(targets, dtype=torch.float64)
+    b_t = torch.linalg.lstsq(system, rhs).solution
     b_t = torch.round(b_t.view(n, n) * 64) / 64  # exact dyadic values: drop lstsq's 1e-16 noise
-    residual = (torch.stack(equations) @ b_t.flatten() - torch.tensor(targets, dtype=torch.float64)).abs().max()
+    residual = (system @ b_t.flatten() - rhs).abs().max()
     assert residual < 1e-12, f"F({m}, {r}) on points {POINTS[m]}: B^T is not dyadic (residual {residual:.1e})"
     return a_t, g, b_t
 
