@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.dropout import sparse_dropout
-
 
 class MultiheadAttention(nn.Module):
     """Sequence-first attention: query [L, B, d], key/value [S, B, d] -> ([L, B, d], weights or None)."""
@@ -23,7 +21,6 @@ class MultiheadAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.dropout = dropout
-        self.sparse_dropout = False  # models.fuse.optimize_for_training turns it on (CPU training)
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
         self.out_proj = nn.Linear(embed_dim, embed_dim)
@@ -35,37 +32,30 @@ class MultiheadAttention(nn.Module):
                 need_weights: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         """key_padding_mask [B, S] bool, True = ignore that key."""
         length, batch, dim = query.shape
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = self._heads(F.linear(query, w_q, b_q))
-        k = self._heads(F.linear(key, w_k, b_k))
-        v = self._heads(F.linear(value, w_v, b_v))
+        q, k, v = self._project(query, key, value)
         dropout_p = self.dropout if self.training else 0.0
         weights: Optional[Tensor] = None
-        # SDPA's CPU kernels have no dropout: with it, SDPA runs this same math, so the sparse
-        # dropout is applied here to the attention weights instead.
-        sparse = False
-        if not torch.jit.is_scripting():  # scripted models are for inference: no sparse dropout there
-            sparse = (self.sparse_dropout and dropout_p > 0.0 and q.device.type == "cpu"
-                      and not torch.compiler.is_compiling())
-        if need_weights or sparse:
+        if need_weights:
             attn = self._scores(q, k, key_padding_mask).softmax(-1)
-            if need_weights:
-                weights = attn.mean(1)
-            out = self._attention_dropout(attn, dropout_p, sparse) @ v
+            weights = attn.mean(1)
+            out = F.dropout(attn, dropout_p, self.training) @ v
         else:
             allowed: Optional[Tensor] = None
-            if key_padding_mask is not None and not _nothing_padded(key_padding_mask):
+            if key_padding_mask is not None:
                 allowed = ~key_padding_mask[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
-        out = out.permute(2, 0, 1, 3).reshape(length, batch, dim)
-        return self.out_proj(out), weights
+        return self._merge_heads(out, length, batch, dim), weights
 
-    def _attention_dropout(self, attn: Tensor, p: float, sparse: bool) -> Tensor:
-        if not torch.jit.is_scripting():
-            if sparse:
-                return sparse_dropout(attn, p, self.training)
-        return F.dropout(attn, p, self.training)
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The input projections, split into heads: q [B, heads, L, d/heads], k and v [B, heads, S, d/heads]."""
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        return (self._heads(F.linear(query, w_q, b_q)), self._heads(F.linear(key, w_k, b_k)),
+                self._heads(F.linear(value, w_v, b_v)))
+
+    def _merge_heads(self, out: Tensor, length: int, batch: int, dim: int) -> Tensor:
+        """[B, heads, L, d/heads] -> the output projection of [L, B, d]."""
+        return self.out_proj(out.permute(2, 0, 1, 3).reshape(length, batch, dim))
 
     def _scores(self, q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
         """q k^T / sqrt(d_head), -inf at padded keys: [B, heads, L, S]. The padding enters as the
@@ -86,16 +76,3 @@ class MultiheadAttention(nn.Module):
         """[N, B, d] -> [B, heads, N, d/heads]."""
         n, b, d = x.shape
         return x.reshape(n, b, self.num_heads, d // self.num_heads).permute(1, 2, 0, 3)
-
-
-def _nothing_padded(key_padding_mask: Tensor) -> bool:
-    """True when no key is padded (a batch of one image, or of equal sizes) on the CPU: SDPA without
-    a mask gives bit-identical results ~10 % faster there (4.1 vs 4.5 ms per encoder attention at
-    800x1066). Not checked on GPUs (the check would synchronise), nor when compiling, scripting,
-    tracing or exporting to ONNX (the answer would be frozen into the graph for every later input)."""
-    if torch.jit.is_scripting():
-        return False
-    if (key_padding_mask.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export()):
-        return False
-    return not bool(key_padding_mask.any())

@@ -22,13 +22,19 @@ def _isolated_torch_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def malloc_tuning_calls(request, monkeypatch) -> list:
-    """predict.py and main.py tune glibc malloc for their whole process on the CPU (util/allocator.py);
-    tests that run them in this process record the call instead, so the test process keeps the
-    default allocator.
+    """predict.py and main.py tune glibc malloc for their whole process on the CPU
+    (fast.retain_freed_memory); tests that run them in this process record the call instead, so the
+    test process keeps the default allocator. Every loaded module holding the function (`from fast
+    import retain_freed_memory`) gets the recorder, and so do later imports from `fast`.
     Tests marked `real_allocator` get the real function."""
     calls: list = []
     if request.node.get_closest_marker("real_allocator") is None:
-        monkeypatch.setattr("util.allocator.retain_freed_memory", lambda: calls.append(True) or True)
+        import fast.allocator
+
+        real = fast.allocator.retain_freed_memory
+        for module in list(sys.modules.values()):
+            if getattr(module, "__dict__", {}).get("retain_freed_memory") is real:
+                monkeypatch.setattr(module, "retain_freed_memory", lambda: calls.append(True) or True)
     return calls
 
 

@@ -1,5 +1,5 @@
-"""util.allocator.retain_freed_memory: freed activations stay in the process, so allocating them
-again does not page-fault (the ~10 % of a CPU forward it saves; benchmarks/bench_allocator.py).
+"""fast.retain_freed_memory: freed activations stay in the process, so allocating them again does
+not page-fault.
 
 The setting is process-wide, so each case runs in a fresh interpreter.
 """
@@ -21,7 +21,7 @@ PROBE = """
 import json, resource, sys
 import torch
 sys.path.insert(0, {root!r})
-from util.allocator import retain_freed_memory
+from fast.allocator import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == "retain" else False
 def churn():
     x = torch.empty(16 * 2**20)  # 64 MiB of float32
@@ -56,7 +56,7 @@ def test_retained_memory_is_reused_without_page_faults():
 
 @pytest.mark.real_allocator
 def test_retain_is_a_no_op_without_glibc(monkeypatch):
-    from util import allocator
+    from fast import allocator
 
     monkeypatch.setattr(allocator.platform, "system", lambda: "Darwin")
     assert allocator.retain_freed_memory() is False

@@ -1,7 +1,7 @@
 """With every convergence flag at its default (--group_detr 1, no EMA), training is
 bit-identical to the code before those flags existed.
 
-The run uses --no_fast_train: the default fast training path (models.fuse.optimize_for_training:
+The run uses --no_fast_train: the default fast training path (fast.optimize_for_training:
 frozen BatchNorm inside its convolution, channels_last) is another summation order by design and
 is held to the plain path's loss within 1e-5 by tests/test_fast_paths.py and test_main_e2e.py.
 

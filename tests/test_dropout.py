@@ -1,14 +1,15 @@
-"""models/dropout.py: the dropped positions have the Bernoulli(p) distribution F.dropout's mask has
+"""fast/dropout.py: the dropped positions have the Bernoulli(p) distribution F.dropout's mask has
 (count, gaps, spread), kept elements are scaled by 1/(1-p), backward drops the same elements, and
-the draws follow torch's seed; the attention dropout it replaces averages to the undropped output."""
+the draws follow torch's seed; the attention dropout it replaces (fast/attention.py) averages to the
+undropped output."""
 import math
 
 import pytest
 import torch
 
-import models.dropout as dropout_module
-from models.attention import MultiheadAttention
-from models.dropout import SparseDropout, dropped_positions, sparse_dropout
+import fast.dropout as dropout_module
+from fast.attention import FastMultiheadAttention
+from fast.dropout import SparseDropout, dropped_positions, sparse_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -78,7 +79,7 @@ def test_sparse_attention_dropout_averages_to_the_undropped_attention():
     """Dropout on the attention weights keeps E[out] = eval output; SDPA's own (torch) dropout, for
     comparison, has the same spread over repeated calls."""
     torch.manual_seed(0)
-    attention = MultiheadAttention(16, 2, dropout=0.2)
+    attention = FastMultiheadAttention(16, 2, dropout=0.2)
     query, key = torch.randn(6, 1, 16), torch.randn(9, 1, 16)
     with torch.no_grad():
         expected = attention.eval()(query, key, key)[0]
@@ -96,7 +97,7 @@ def test_sparse_attention_dropout_averages_to_the_undropped_attention():
 
 def test_sparse_attention_dropout_ignores_padded_keys():
     torch.manual_seed(0)
-    attention = MultiheadAttention(16, 2, dropout=0.3).train()
+    attention = FastMultiheadAttention(16, 2, dropout=0.3).train()
     attention.sparse_dropout = True
     query, key = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
     value = torch.randn(7, 2, 16, requires_grad=True)

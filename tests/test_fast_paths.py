@@ -1,20 +1,24 @@
-"""Fast paths keep the numbers: inference (frozen BN folded into convs, channels_last, SDPA attention,
-models.fuse.optimize_for_inference) within 1e-4 of the plain outputs; training
-(models.fuse.optimize_for_training) with the plain loss within 1e-5, the same gradients and the
-same state_dict; the frozen stem gets no autograd work."""
+"""Fast paths keep the numbers: inference (frozen BN folded into convs, channels_last, the attention's
+CPU shortcuts, fast.optimize_for_inference) within 1e-4 of the plain outputs; training
+(fast.optimize_for_training) with the plain loss within 1e-5, the same gradients and the same
+state_dict; the frozen stem gets no autograd work; models/ never imports fast/."""
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from models.backbone import Backbone, Joiner
+from fast import fold_frozen_batchnorm, optimize_for_inference, optimize_for_training, to_channels_last
+from fast.attention import FastMultiheadAttention
+from fast.dropout import SparseDropout
+from fast.folding import FoldedFrozenBatchNorm2d, NormFoldedConv2d
+from fast.fused_layers import FusedResidualLayer
 from models.attention import MultiheadAttention
-from models.detr import DETR
-from models.dropout import SparseDropout
+from models.backbone import Backbone, Joiner
 from models.criterion import SetCriterion
-from models.fuse import (FoldedFrozenBatchNorm2d, FusedResidualLayer, NormFoldedConv2d, fold_frozen_batchnorm,
-                         optimize_for_inference, optimize_for_training, to_channels_last)
+from models.detr import DETR
 from models.matcher import HungarianMatcher
 from models.position_encoding import PositionEmbeddingSine
 from models.transformer import Transformer
@@ -89,6 +93,61 @@ def test_attention_weights_only_when_asked(model):
     out_slow, weights = attention(q, kv, kv, need_weights=True)
     assert none is None and weights.shape == (2, 5, 12)
     assert (out_fast - out_slow).abs().max() < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.trace:FutureWarning")
+def test_fast_attention_drops_an_all_false_mask_but_a_traced_graph_keeps_it(monkeypatch):
+    """No key padded (batch of one, or of equal sizes): SDPA runs without a mask, bit-identical to the
+    plain module's masked call. A trace must not freeze that decision into the graph."""
+    torch.manual_seed(0)
+    plain = MultiheadAttention(16, 2).eval()
+    fast = copy.deepcopy(plain)
+    fast.__class__ = FastMultiheadAttention
+    query, key = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
+    unpadded = torch.zeros(2, 7, dtype=torch.bool)
+    padded = unpadded.clone()
+    padded[1, 4:] = True
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, attn_mask=None, **kwargs: masks.append(attn_mask) or sdpa(
+                            *args, attn_mask=attn_mask, **kwargs))
+    with torch.no_grad():
+        assert torch.equal(fast(query, key, key, key_padding_mask=unpadded)[0],
+                           plain(query, key, key, key_padding_mask=unpadded)[0])
+        assert masks[0] is None and masks[1] is not None  # fast skipped the mask, plain did not
+        assert torch.equal(fast(query, key, key, key_padding_mask=padded)[0],
+                           plain(query, key, key, key_padding_mask=padded)[0])
+        traced = torch.jit.trace(_CrossAttention(fast), (query, key, unpadded))
+        torch.testing.assert_close(traced(query, key, padded), plain(query, key, key, key_padding_mask=padded)[0])
+        assert not torch.allclose(traced(query, key, padded), traced(query, key, unpadded))
+
+
+class _CrossAttention(torch.nn.Module):
+    def __init__(self, attention: MultiheadAttention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.attention(query, key, key, key_padding_mask=mask)[0]
+
+
+def test_optimize_for_inference_swaps_in_the_fast_attention_without_sparse_dropout(model):
+    fast = optimize_for_inference(copy.deepcopy(model))
+    attentions = [m for m in fast.modules() if isinstance(m, MultiheadAttention)]
+    assert len(attentions) == 3 and all(type(m) is FastMultiheadAttention and not m.sparse_dropout
+                                        for m in attentions)
+
+
+def test_models_never_import_fast(repo_root):
+    """models/ is the paper only: importing every module of it loads nothing from fast/."""
+    probe = ("import pkgutil, importlib, sys, models\n"
+             "names = [m.name for m in pkgutil.iter_modules(models.__path__, 'models.')]\n"
+             "[importlib.import_module(n) for n in names]\n"
+             "print(len(names), sorted(m for m in sys.modules if m == 'fast' or m.startswith('fast.')))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=repo_root, capture_output=True, text=True, check=True)
+    count, loaded = done.stdout.split(" ", 1)
+    assert int(count) >= 8 and loaded.strip() == "[]", done.stdout
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -194,7 +253,8 @@ def test_optimize_for_training_draws_dropout_sparsely_and_otherwise_keeps_the_lo
     fast = optimize_for_training(copy.deepcopy(plain))
     assert not any(type(m) is torch.nn.Dropout for m in fast.modules())
     assert sum(isinstance(m, SparseDropout) for m in fast.modules()) == 7  # 3 in the encoder layer, 4 in the decoder layer
-    assert all(m.sparse_dropout for m in fast.modules() if isinstance(m, MultiheadAttention))
+    attentions = [m for m in fast.modules() if isinstance(m, MultiheadAttention)]
+    assert len(attentions) == 3 and all(type(m) is FastMultiheadAttention and m.sparse_dropout for m in attentions)
     criterion = _criterion()
     assert abs(_loss(plain, images, criterion).item() - _loss(fast, images, criterion).item()) > 1e-6
     for model in (plain, fast):

@@ -79,9 +79,9 @@ def test_transformer_parameters_are_xavier_initialised():
     assert w.abs().max() > 0.15 and w.abs().max() <= (6 / 128) ** 0.5 + 1e-6
 
 
-def test_attention_without_padding_skips_the_mask_but_a_traced_graph_keeps_it():
-    """No key padded (batch of one, or of equal sizes): SDPA runs without a mask, bit-identical to
-    the masked call. A trace or an ONNX export must not freeze that decision into the graph."""
+def test_attention_masks_padded_keys_and_a_traced_graph_keeps_the_mask():
+    """An all-false padding mask gives the unmasked result; padded keys are masked as
+    nn.MultiheadAttention masks them, and a trace keeps the mask as an input."""
     torch.manual_seed(0)
     attention = MultiheadAttention(16, 2).eval()
     query, key = torch.randn(5, 2, 16), torch.randn(7, 2, 16)

@@ -1,5 +1,5 @@
 """The inference fast path's own arithmetic and memory: Winograd F(m x m, 3 x 3) convolutions
-(models/winograd.py), the buffers kept from call to call (models/scratch.py) and where
+(fast/winograd.py), the buffers kept from call to call (fast/scratch.py) and where
 optimize_for_inference uses them (the stem, the Winograd temporaries, layer1's shortcut)."""
 import copy
 import threading
@@ -11,10 +11,10 @@ from torch import nn
 from torchvision.models.resnet import resnet18, resnet50
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from models.fuse import (FusedResidualLayer, StemConv2d, fold_frozen_batchnorm, fuse_residual_layers, fuse_stem,
-                         optimize_for_inference, to_channels_last, winograd_convolutions)
-from models.scratch import ALWAYS_MAPPED_BYTES, ScratchBuffers
-from models.winograd import WinogradConv2d, winograd_matrices
+from fast import fold_frozen_batchnorm, optimize_for_inference, to_channels_last
+from fast.fused_layers import FusedResidualLayer, StemConv2d, fuse_residual_layers, fuse_stem
+from fast.scratch import ALWAYS_MAPPED_BYTES, ScratchBuffers
+from fast.winograd import WinogradConv2d, winograd_convolutions, winograd_matrices
 
 CL = torch.channels_last
 

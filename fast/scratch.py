@@ -1,10 +1,9 @@
 """Tensors a module reuses from one call to the next, so CPU inference stops page-faulting them.
 
 glibc serves every block over 32 MiB (its largest mmap threshold) with a fresh mmap and unmaps it
-on free, and may trim smaller ones back to the kernel, so a forward that allocates a 55 MB
-activation touches 13 k new pages every call: R50-DETR's stem output at 800x1066 takes 110 ms
-that way against 13 ms written into a kept buffer (benchmarks/README.md, Round 5). util/allocator.py
-changes that for the whole process; this keeps it to the few tensors the fast path owns.
+on free, and may trim smaller ones back to the kernel, so a forward that allocates a large
+activation touches every one of its pages anew on each call. fast/allocator.py changes that for the
+whole process; these buffers keep it to the few tensors the fast path owns.
 
 Per thread (two threads running one model never share a buffer); a buffer is replaced when the
 shape, dtype or device changes, or when an inference-mode buffer is needed outside inference mode.

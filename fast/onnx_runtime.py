@@ -1,10 +1,10 @@
-"""ONNX Runtime backend of models.fuse.optimize_for_inference, for CPU inference of detection models.
+"""ONNX Runtime backend of fast.optimize_for_inference, for CPU inference of detection models.
 
 The BN-folded model is exported once (torch.onnx, opset 17) with inputs `images` [B,3,H,W]
 float32 and `mask` [B,H,W] bool (True on padding), B, H and W dynamic, and outputs `pred_logits`
 [B,Q,C+1] and `pred_boxes` [B,Q,4] (normalised cxcywh). The file is cached under a name keyed by
 the hash of the model's architecture and weights, so a second run with the same checkpoint loads it
-in about a second instead of exporting again.
+instead of exporting again.
 `OnnxRuntimeDETR` then stands where the model stood: it takes what DETR.forward takes and returns
 the same two outputs as torch tensors. Segmentation models (--masks) stay on the torch backend.
 """
@@ -46,8 +46,8 @@ def weights_key(model: nn.Module) -> str:
 def export_detr_onnx(model: nn.Module, path: str | os.PathLike) -> Path:
     """Export a detection DETR (eval mode, ideally BN-folded) to `path`, batch/height/width dynamic.
 
-    The TorchScript-based exporter takes ~2 s where the dynamo one takes ~40 s for the same graph
-    (same outputs to 1e-6); the dynamo exporter is the fallback for a torch without the former.
+    The TorchScript-based exporter is much quicker than the dynamo one for the same graph (same
+    outputs to fp32 rounding); the dynamo exporter is the fallback for a torch without the former.
     Written to a temporary name and renamed, so a killed export never leaves a truncated cache file.
     """
     path = Path(path)

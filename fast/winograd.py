@@ -1,4 +1,4 @@
-"""Winograd F(m x m, 3 x 3) convolution for CPU fp32 inference (used by models.fuse.optimize_for_inference).
+"""Winograd F(m x m, 3 x 3) convolution for CPU fp32 inference, and the pass that puts it into a ResNet.
 
 A stride-1 3x3 convolution computed on (m+2)x(m+2) input tiles that overlap by 2: each tile is
 transformed (B^T d B), multiplied channel-wise by the transformed weights (G g G^T) in (m+2)^2
@@ -8,8 +8,8 @@ direct convolution. Every transform is one matrix product over all tiles and cha
 whole convolution is six large torch ops (oneDNN/MKL do the work).
 
 The matrices come from the Cook-Toom construction on the interpolation points (0, 1, -1, 2, -1/2, inf)
-(Barabasz et al. 2020), not Lavin's (0, +-1, +-2, inf): on a 256-channel layer the largest error
-relative to the output's range is 5.0e-6 against 1.5e-5 (oneDNN's direct convolution: 2.1e-6).
+(Barabasz et al. 2020) rather than Lavin's (0, +-1, +-2, inf): their rounding error is several
+times smaller, close to a direct convolution's.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from models.scratch import ScratchBuffers
+from fast.scratch import ScratchBuffers
 
 POINTS = {2: (0.0, 1.0, -1.0), 4: (0.0, 1.0, -1.0, 2.0, -0.5)}
 
@@ -95,7 +96,7 @@ class WinogradConv2d(nn.Conv2d):
     def winograd(self, x: torch.Tensor, relu: bool, scratch: ScratchBuffers | None = None) -> torch.Tensor:
         """conv2d(x) (+ ReLU), x [N, C, H, W]; the result is channels_last. With `scratch`, the
         temporaries and the result are carved out of its arena "winograd": the result is valid
-        until the next call with the same `scratch` (models.fuse.FusedResidualLayer, whose next
+        until the next call with the same `scratch` (fast.fused_layers.FusedResidualLayer, whose next
         convolution reads it before any other Winograd convolution of the model runs)."""
         m, n = self.tile, self.tile + 2
         batch, channels, height, width = x.shape
@@ -150,3 +151,21 @@ def eligible(conv: nn.Module) -> bool:
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros")
+
+
+# Below 128 channels the tile transforms cost more than the 4x fewer multiply-adds save (layer1).
+WINOGRAD_MIN_CHANNELS = 128
+
+
+@torch.no_grad()
+def winograd_convolutions(model: nn.Module, min_channels: int = WINOGRAD_MIN_CHANNELS) -> nn.Module:
+    """Every ResNet block's stride-1 3x3 convolution with >= `min_channels` inputs becomes a
+    `WinogradConv2d` (same weights; CPU fp32 inference only, elsewhere the same convolution).
+    Call it after fold_frozen_batchnorm (it transforms the weights as they are then); returns `model`."""
+    for block in model.modules():
+        if type(block) in (BasicBlock, Bottleneck):
+            for name in ("conv1", "conv2") if type(block) is BasicBlock else ("conv2",):
+                conv = getattr(block, name)
+                if eligible(conv) and conv.in_channels >= min_channels:
+                    setattr(block, name, WinogradConv2d.taking_over(conv))
+    return model

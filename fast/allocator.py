@@ -1,16 +1,13 @@
-"""Keep freed memory in the process (glibc malloc), so CPU inference stops page-faulting its activations.
+"""Keep freed memory in the process (glibc malloc), so CPU inference and training stop page-faulting
+their activations.
 
 A DETR forward at 800x1066 allocates tens of activations of 14-55 MB. glibc serves blocks that
 large with a fresh mmap and unmaps them on free, so every forward touches new pages: the kernel
-zeroes them and takes a page fault per 4 KiB (~10 % of a plain CPU forward; models.fuse's fused
-residual layers avoid most of those blocks, and predict.py gains ~1.07x end to end from this:
-benchmarks/README.md, "allocator"). torch's CPU launcher (`torch.backends.xeon.run_cpu`) swaps in
-jemalloc or tcmalloc for the same reason; this does it without a new library, by telling glibc to
-take every block from its heap and never give freed memory back, so the next forward reuses the
-same pages.
-CPU training has the same pattern, larger (attention matrices of 46 MB at batch 2, and their
-gradients): main.py calls this on the CPU too (a training step 1.30x faster, peak RSS +10 %:
-benchmarks/bench_allocator.py --train).
+zeroes them and takes a page fault per 4 KiB. torch's CPU launcher (`torch.backends.xeon.run_cpu`)
+swaps in jemalloc or tcmalloc for the same reason; this does it without a new library, by telling
+glibc to take every block from its heap and never give freed memory back, so the next forward
+reuses the same pages. CPU training has the same pattern, larger (attention matrices and their
+gradients).
 The process keeps its peak memory for as long as it lives: meant for bounded jobs (predict.py,
 main.py), whose peak is reached again every step anyway.
 """

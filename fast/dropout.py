@@ -1,13 +1,12 @@
 """Dropout that draws which elements it drops instead of a mask (the CPU training fast path).
 
-torch's CPU dropout draws one Bernoulli number per element from a serial Mersenne twister, about
-130 M elements/s on the 2-core machine: 0.8 s of a DETR training step at dropout 0.1. With
-dropout, attention also leaves SDPA's fused CPU kernel for its math path (an encoder layer's
-forward and backward at batch 2: 40 ms -> 230 ms, mostly the mask; 155 ms with this one). In an
-i.i.d. Bernoulli(p) sequence the gaps between dropped elements are i.i.d. Geometric(p), so drawing
-those gaps (about p * n numbers) and summing them up gives the dropped positions with exactly the
-same distribution: 10x fewer draws at p = 0.1. The int64 positions (0.8 bytes per element at
-p = 0.1) are what backward keeps. Kept elements are scaled by 1 / (1 - p), as F.dropout does.
+torch's CPU dropout draws one Bernoulli number per element from a serial Mersenne twister, which
+makes it a large part of a DETR training step on the CPU; with dropout, attention also leaves
+SDPA's fused CPU kernel for its math path, dominated by drawing that mask. In an i.i.d.
+Bernoulli(p) sequence the gaps between dropped elements are i.i.d. Geometric(p), so drawing those
+gaps (about p * n numbers) and summing them up gives the dropped positions with exactly the same
+distribution: 1/p times fewer draws. The int64 positions (8p bytes per element) are what backward
+keeps. Kept elements are scaled by 1 / (1 - p), as F.dropout does.
 
 The draws come from torch's generator (torch.manual_seed makes them reproducible) but differ from
 F.dropout's for the same seed. Tensors off the CPU go to F.dropout, whose fused kernels are fast,
