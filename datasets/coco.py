@@ -6,6 +6,9 @@ target of docs/internals.md: `boxes [N,4]` absolute xyxy float32 (clamped to the
 `labels [N]` int64 (COCO category ids), `masks [N,H,W]` uint8 (with return_masks), `image_id [1]`,
 `area [N]`, `iscrowd [N]`, `orig_size`/`size` (h, w). Crowd annotations are dropped, as are boxes
 with no width or height after clamping (counted once per annotation file, logged as a warning).
+Entries that would train on the wrong thing are refused when the file is read
+(datasets/annotation_checks.py); `CocoDetection.check_ready` finds missing pictures, sizes that
+disagree with the JSON and splits without images or boxes before a run starts.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ import torchvision.io
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
+from datasets.annotation_checks import (box_array, check_instances, describe_missing, load_json, missing_files,
+                                        orphan_annotations)
 from datasets.copy_paste import paste_objects
 from datasets.transforms import transforms_from_args
 
@@ -36,6 +41,10 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 COCO_NUM_CLASSES = 91
 # Formats torchvision.io decodes natively; anything else PIL can open goes through PIL.
 TORCHVISION_FORMATS = {"JPEG", "PNG", "WEBP", "GIF"}
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+# Splits up to this many images have every picture's size checked against the JSON before training
+# (a header read each); larger ones (COCO) are checked as each picture is decoded.
+SIZE_CHECK_LIMIT = 2000
 
 
 def _where(path: Path, ann_file: str | Path | None) -> str:
@@ -65,9 +74,9 @@ def _open_header(path: Path, ann_file: str | Path | None) -> PIL.Image.Image:
 def decode_image(path: str | Path, ann_file: str | Path | None = None) -> torch.Tensor:
     """The image file as a uint8 RGB tensor [3,H,W], upright by its EXIF orientation.
 
-    Grayscale, RGBA (alpha dropped), palette and CMYK become RGB; 16-bit PNGs keep their top 8 bits. Missing files, files that are
-    not images, truncated files and images above PIL.Image.MAX_IMAGE_PIXELS raise with the file
-    (and the annotation file listing it) in the message.
+    Grayscale, RGBA (alpha dropped), palette and CMYK become RGB; 16-bit PNGs keep their top 8 bits.
+    Missing files, files that are not images, truncated files and images above
+    PIL.Image.MAX_IMAGE_PIXELS raise with the file (and the annotation file listing it) in the message.
     """
     path = Path(path)
     header = _open_header(path, ann_file)
@@ -102,12 +111,25 @@ def decode_image_pil(path: str | Path, ann_file: str | Path | None = None) -> PI
                          f"truncated or not an image (re-export or remove it)") from None
 
 
+def upright_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the picture as decode_image returns it (EXIF orientation applied), header only."""
+    path = Path(path)
+    try:
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"unreadable image {path}: {err}; the file is damaged or not an image") from None
+    return (height, width) if orientation in _ROTATED else (width, height)
+
+
 def _pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def load_coco_api(ann_file: str | Path) -> COCO:
-    """A pycocotools COCO index of the JSON file; clear errors for missing, empty or bad JSON."""
+    """A pycocotools COCO index of the JSON file; clear errors for missing, empty, bad JSON or bad entries
+    (datasets.annotation_checks.check_instances)."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise FileNotFoundError(f"annotation file not found: {ann_file}")
@@ -115,16 +137,19 @@ def load_coco_api(ann_file: str | Path) -> COCO:
         raise ValueError(f"annotation file {ann_file} is empty (0 bytes); re-export it as "
                          f"COCO-format JSON")
     try:
-        with open(ann_file, encoding="utf-8") as f:
-            dataset = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        dataset = load_json(ann_file)
+    except json.JSONDecodeError as err:
         raise ValueError(f"annotation file {ann_file} is not valid JSON: {err}; re-export it as "
                          f"COCO-format JSON") from None
     if not isinstance(dataset, dict) or "images" not in dataset:
         raise ValueError(f"annotation file {ann_file} is not COCO format: expected a JSON object "
                          f"with 'images', 'annotations' and 'categories'")
+    if dataset.get("annotations") and "categories" not in dataset:
+        raise ValueError(f"annotation file {ann_file} has annotations but no 'categories' list; add "
+                         '"categories": [{"id": 1, "name": "..."}, ...] with every category_id used')
     for key in ("annotations", "categories"):
         dataset.setdefault(key, [])
+    check_instances(dataset, ann_file)
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
@@ -201,18 +226,33 @@ class ConvertCocoPolysToMask:
         return target
 
 
-def count_degenerate_boxes(coco: COCO) -> int:
-    """Non-crowd boxes with no width or height once clamped to their image (dropped in training)."""
-    anns = [a for a in coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+def count_boxes(coco: COCO) -> tuple[int, int]:
+    """(boxes that train, boxes dropped for no width or height once clamped to their image).
+
+    Non-crowd annotations of the listed images only; clamped to the JSON's width/height.
+    """
+    anns = [a for a in coco.dataset["annotations"] if not a.get("iscrowd", 0) and a["image_id"] in coco.imgs]
     if not anns:
-        return 0
-    boxes = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-    sizes = [coco.imgs.get(a["image_id"], {}) for a in anns]
-    limits = np.asarray([[s.get("width", np.inf), s.get("height", np.inf)] for s in sizes], dtype=np.float64)
+        return 0, 0
+    boxes = box_array([a["bbox"] for a in anns])
+    known = np.fromiter(coco.imgs.keys(), np.int64, count=len(coco.imgs))
+    sizes = np.asarray([[info.get("width", np.inf), info.get("height", np.inf)] for info in coco.imgs.values()],
+                       dtype=np.float64).reshape(-1, 2)
+    order = np.argsort(known)
+    image_ids = np.fromiter((a["image_id"] for a in anns), np.int64, count=len(anns))
+    limits = sizes[order[np.searchsorted(known, image_ids, sorter=order)]]
     x0, y0 = boxes[:, 0].clip(0, limits[:, 0]), boxes[:, 1].clip(0, limits[:, 1])
     x1 = (boxes[:, 0] + boxes[:, 2]).clip(0, limits[:, 0])
     y1 = (boxes[:, 1] + boxes[:, 3]).clip(0, limits[:, 1])
-    return int(np.count_nonzero(~((x1 > x0) & (y1 > y0))))
+    usable = int(np.count_nonzero((x1 > x0) & (y1 > y0)))
+    return usable, len(anns) - usable
+
+
+def _size_note(file_name: str, given: tuple[int, int], actual: tuple[int, int]) -> str:
+    note = f"{file_name} is {actual[0]}x{actual[1]} but the annotation file says {given[0]}x{given[1]}"
+    if given == actual[::-1]:
+        note += ", width and height swapped: an EXIF rotation the labelling tool did not apply?"
+    return note
 
 
 def check_category_ids(coco: COCO, num_classes: int, ann_file: str | Path) -> None:
@@ -240,7 +280,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Item: `transforms(image uint8 [3,H,W], target)` (untransformed target when transforms is None).
     Attributes: `coco` (pycocotools index, also the evaluation ground truth), `ids`,
-    `category_names` {id: name}, `degenerate_boxes` (count of dropped boxes).
+    `category_names` {id: name}, `num_boxes` (boxes that train), `degenerate_boxes` (count of
+    dropped boxes). `check_ready` checks files, sizes and emptiness before a run.
     """
 
     def __init__(self, img_folder: str | Path, ann_file: str | Path, transforms: Callable | None,
@@ -252,34 +293,98 @@ class CocoDetection(torch.utils.data.Dataset):
         if not self.img_folder.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.img_folder} (images of {self.ann_file})")
         self.coco = coco if coco is not None else load_coco_api(self.ann_file)
+        self._sizes_from_json = coco is None  # an index given here took its sizes from the pictures
         self.ids = sorted(self.coco.imgs.keys())
         self.category_names = {c["id"]: c.get("name", str(c["id"])) for c in self.coco.dataset["categories"]}
         if num_classes is not None:
             check_category_ids(self.coco, num_classes, self.ann_file)
-        self.degenerate_boxes = count_degenerate_boxes(self.coco)
+        self.num_boxes, self.degenerate_boxes = count_boxes(self.coco)
         if self.degenerate_boxes:
             logger.warning("%s: %d box(es) with width or height <= 0 after clamping to the image "
                            "are dropped", self.ann_file, self.degenerate_boxes)
+        orphans, first = orphan_annotations(self.coco.dataset)
+        if orphans:
+            logger.warning("%s: %d annotation(s) refer to an image id not in 'images' and are not used (first: "
+                           "annotation id %s, image_id %s); add the images or remove the annotations",
+                           self.ann_file, orphans, first["id"], first["image_id"])
         self._transforms = transforms
         self.prepare = ConvertCocoPolysToMask(return_masks)
         self.copy_paste = 0  # --copy_paste N: objects pasted from another image (training set only)
+        self.object_augment = None  # --mosaic / --box_paste (datasets/object_augment.py, training set only)
+        self._size_noted: set[int] = set()
+
+    def check_ready(self, image_set: str) -> None:
+        """Before training: every listed picture is in the folder, the split has images and boxes to
+        learn or score, and (splits up to SIZE_CHECK_LIMIT images) each picture has the JSON's size.
+
+        Raises ValueError naming the annotation file, the entry and the fix.
+        """
+        infos = [self.coco.imgs[i] for i in self.ids]
+        missing = missing_files(self.img_folder, [info["file_name"] for info in infos])
+        if missing:
+            raise ValueError(describe_missing(missing, len(infos), self.img_folder, self.ann_file))
+        why = ("there is nothing to learn" if image_set == "train"
+               else "COCO AP is undefined without ground truth (it would read -1)")
+        if not infos:
+            raise ValueError(f"{self.ann_file}: the {image_set} split lists no images: {why}; give the annotation "
+                             "file of that split")
+        if self.num_boxes == 0:
+            raise ValueError(f"{self.ann_file}: the {image_set} split has {len(infos)} image(s) but no boxes "
+                             f"({len(self.coco.dataset['annotations'])} annotation(s), none a non-crowd box "
+                             f"with width and height on a listed image): {why}; annotate the pictures or give "
+                             "the right annotation file")
+        if self._sizes_from_json and len(infos) <= SIZE_CHECK_LIMIT:
+            self._check_sizes(infos)
+
+    def _check_sizes(self, infos: list[dict]) -> None:
+        wrong = []
+        for info in infos:
+            if "width" in info and "height" in info:
+                given = (int(info["width"]), int(info["height"]))
+                actual = upright_size(self.img_folder / info["file_name"])
+                if given != actual:
+                    wrong.append(_size_note(info["file_name"], given, actual))
+        if wrong:
+            raise ValueError(f"{self.ann_file}: {len(wrong)} of {len(infos)} picture(s) differ from the width/height "
+                             f"given for them (first: {wrong[0]}); the boxes were drawn for the given size and "
+                             "would land on the wrong pixels: correct width/height, or re-export the annotations "
+                             "for the pictures as they are now")
+
+    def _note_size(self, image_id: int, info: dict, height: int, width: int) -> None:
+        """Warn once per picture whose decoded size is not the JSON's (its boxes are used as given)."""
+        if "width" not in info or "height" not in info or image_id in self._size_noted:
+            return
+        given = (int(info["width"]), int(info["height"]))
+        if given != (width, height):
+            self._size_noted.add(image_id)
+            logger.warning("%s: %s; its boxes are used as given", self.ann_file,
+                           _size_note(info["file_name"], given, (width, height)))
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int):
-        image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
-        image = decode_image(self.img_folder / info["file_name"], self.ann_file)
-        annotations = self.coco.imgToAnns.get(image_id, [])
-        try:
-            target = self.prepare((int(image.shape[-2]), int(image.shape[-1])), image_id, annotations)
-        except ValueError as error:
-            raise ValueError(f"{self.ann_file} (image {info['file_name']}): {error}") from None
+        image, target = self.load(index)
+        if self.object_augment is not None:
+            image, target = self.object_augment(self, image, target)
         if self.copy_paste > 0:
             image, target = self._paste_from_another_image(image, target)
         if self._transforms is not None:
             image, target = self._transforms(image, target)
+        return image, target
+
+    def load(self, index: int) -> tuple[torch.Tensor, dict]:
+        """Item `index` as decoded, before any augmentation: (uint8 [3,H,W], target, absolute xyxy boxes)."""
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        image = decode_image(self.img_folder / info["file_name"], self.ann_file)
+        annotations = self.coco.imgToAnns.get(image_id, [])
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        self._note_size(image_id, info, height, width)
+        try:
+            target = self.prepare((height, width), image_id, annotations)
+        except ValueError as error:
+            raise ValueError(f"{self.ann_file} (image {info['file_name']}): {error}") from None
         return image, target
 
     def _paste_from_another_image(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:

@@ -21,6 +21,7 @@ import PIL.Image
 import torch
 from pycocotools.coco import COCO
 
+from datasets.annotation_checks import describe_missing, load_json, missing_files, number
 from datasets.coco import decode_image
 from datasets.transforms import transforms_from_args
 
@@ -50,22 +51,61 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 
 def load_panoptic_json(ann_file: str | Path) -> dict:
-    """The panoptic JSON with images sorted by id; clear errors for missing/empty/bad files."""
+    """The panoptic JSON; clear errors for missing/empty/bad files and entries (check_panoptic)."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise FileNotFoundError(f"panoptic annotation file not found: {ann_file}")
     if ann_file.stat().st_size == 0:
         raise ValueError(f"panoptic annotation file {ann_file} is empty (0 bytes); re-export it")
     try:
-        with open(ann_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = load_json(ann_file)
+    except json.JSONDecodeError as err:
         raise ValueError(f"panoptic annotation file {ann_file} is not valid JSON: {err}") from None
     if not isinstance(data, dict) or "annotations" not in data or "categories" not in data:
         raise ValueError(f"panoptic annotation file {ann_file} is not COCO panoptic format: expected "
                          f"'images', 'annotations' (with segments_info) and 'categories'")
     data.setdefault("images", [])
+    check_panoptic(data, ann_file)
     return data
+
+
+def check_panoptic(data: dict, ann_file: Path) -> None:
+    """Refuse entries that would pair a picture with another's segments or break scoring: one entry
+    per image_id and per PNG, integer segment ids unique in their PNG, category ids of 'categories'."""
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list) or not all(isinstance(e, dict) for e in data[key]):
+            raise ValueError(f"{ann_file}: '{key}' must be a list of objects")
+    listed = [c.get("id") for c in data["categories"]]
+    category_ids = {i for i in listed if type(i) is int}
+    if len(category_ids) != len(listed):
+        twice = next(i for k, i in enumerate(listed) if type(i) is not int or i in listed[:k])
+        raise ValueError(f"{ann_file}: category id {twice!r} in 'categories' is not an integer listed once; give "
+                         "each category its own integer id")
+    image_ids, pngs = set(), set()
+    for index, ann in enumerate(data["annotations"]):
+        image_id, png, segments = ann.get("image_id"), ann.get("file_name"), ann.get("segments_info")
+        where = f"{ann_file}: annotation {index} (image_id {image_id!r}, {png})"
+        if type(image_id) is not int or not isinstance(png, str) or not isinstance(segments, list):
+            raise ValueError(f"{where} needs an integer 'image_id', the PNG's 'file_name' and a "
+                             "'segments_info' list")
+        if image_id in image_ids or png in pngs:
+            raise ValueError(f"{where}: another annotation has the same image_id or PNG, so one picture "
+                             "would get two sets of segments; keep one entry per image")
+        image_ids.add(image_id)
+        pngs.add(png)
+        seen = set()
+        for seg in segments:
+            seg_id = seg.get("id") if isinstance(seg, dict) else None
+            if type(seg_id) is not int or seg_id in seen:
+                raise ValueError(f"{where}: segment id {seg_id!r} is not an integer used once in the PNG; "
+                                 "each segment needs the id its pixels hold (R + 256 G + 256^2 B)")
+            seen.add(seg_id)
+            if type(seg.get("category_id")) is not int or seg["category_id"] not in category_ids:
+                raise ValueError(f"{where}: segment id {seg_id} has category_id {seg.get('category_id')!r}, "
+                                 "which is not an id of 'categories'; add the category or fix the segment")
+            if not number(seg.get("area")):
+                raise ValueError(f"{where}: segment id {seg_id} has area {seg.get('area')!r}, expected a "
+                                 "number of pixels")
 
 
 class CocoPanoptic(torch.utils.data.Dataset):
@@ -94,6 +134,21 @@ class CocoPanoptic(torch.utils.data.Dataset):
         self.return_masks = return_masks
         self._coco: COCO | None = None
 
+    def check_ready(self, image_set: str) -> None:
+        """Before training: every picture and PNG is in its folder, and the split has segments."""
+        if not self.annotations:
+            raise ValueError(f"{self.ann_file}: the {image_set} split has no annotations (no image with "
+                             "segments); give the right panoptic annotation file")
+        pictures = [self._image_name(ann) for ann in self.annotations]
+        for folder, names, what in ((self.img_folder, pictures, "image"),
+                                    (self.ann_folder, [a["file_name"] for a in self.annotations], "PNG")):
+            missing = missing_files(folder, names)
+            if missing:
+                raise ValueError(describe_missing(missing, len(names), folder, self.ann_file, what))
+        if not any(ann["segments_info"] for ann in self.annotations):
+            raise ValueError(f"{self.ann_file}: the {image_set} split has {len(self.annotations)} image(s) but "
+                             "no segments: nothing to learn or score (PQ and AP are undefined); give the right file")
+
     def _check_categories(self, num_classes: int) -> None:
         for ann in self.annotations:
             for seg in ann["segments_info"]:
@@ -112,10 +167,13 @@ class CocoPanoptic(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.annotations)
 
-    def _image_path(self, ann: dict) -> Path:
+    def _image_name(self, ann: dict) -> str:
+        """The picture's file_name from 'images', else the PNG's name with .jpg (COCO's naming)."""
         info = self.images.get(ann["image_id"])
-        name = info["file_name"] if info else ann["file_name"].rsplit(".", 1)[0] + ".jpg"
-        return self.img_folder / name
+        return info["file_name"] if info else ann["file_name"].rsplit(".", 1)[0] + ".jpg"
+
+    def _image_path(self, ann: dict) -> Path:
+        return self.img_folder / self._image_name(ann)
 
     def __getitem__(self, index: int):
         ann = self.annotations[index]

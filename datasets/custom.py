@@ -3,7 +3,8 @@
 Flags: --train_images DIR --train_annotations FILE --val_images DIR --val_annotations FILE.
 Category ids are used as they are (they may start at 0 or 1 and have gaps); the model gets
 max category id + 1 classes unless --num_classes says more. Category names are kept in
-`dataset.category_names` for outputs. Items are those of datasets.coco.CocoDetection.
+`dataset.category_names` for outputs. Items are those of datasets.coco.CocoDetection, which
+also refuses the entries that would train on the wrong thing (datasets/annotation_checks.py).
 """
 from __future__ import annotations
 

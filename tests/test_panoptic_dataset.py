@@ -91,3 +91,61 @@ def test_num_classes_and_bad_category(panoptic_root):
 def test_missing_panoptic_path_names_the_flag():
     with pytest.raises(ValueError, match="--coco_panoptic_path"):
         build_dataset("val", argparse.Namespace(dataset_file="coco_panoptic", coco_path="x", coco_panoptic_path=None))
+
+
+def _rewrite(root, change):
+    ann_file = root / "annotations" / "panoptic_val2017.json"
+    data = json.loads(ann_file.read_text())
+    change(data)
+    ann_file.write_text(json.dumps(data))
+
+
+def _segments(data):
+    return data["annotations"][0]["segments_info"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["annotations"].append(dict(d["annotations"][0], file_name="other.png")),
+     "annotation 1 (image_id 9, other.png): another annotation has the same image_id or PNG"),
+    (lambda d: _segments(d)[1].update(category_id=7), "segment id 70000 has category_id 7, which is not an id"),
+    (lambda d: _segments(d)[1].update(id=THING), "segment id 300 is not an integer used once in the PNG"),
+    (lambda d: _segments(d)[1].update(area="35"), "segment id 70000 has area '35'"),
+    (lambda d: d["annotations"][0].pop("segments_info"), "needs an integer 'image_id', the PNG's 'file_name' and a "
+                                                          "'segments_info' list"),
+    (lambda d: d["categories"].append({"id": 1, "name": "again"}), "category id 1 in 'categories' is not an integer listed once"),
+])
+def test_entries_that_would_pair_wrong_segments_are_refused(panoptic_root, change, message):
+    _rewrite(panoptic_root, change)
+    with pytest.raises(ValueError) as err:
+        build_dataset("val", _args(panoptic_root))
+    assert "panoptic_val2017.json" in str(err.value) and message in str(err.value)
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("panoptic_val2017/000000000009.png", "lists 1 PNG file(s) of 1 that are not in"),
+    ("val2017/000000000009.jpg", "lists 1 image file(s) of 1 that are not in"),
+])
+def test_missing_png_or_picture_is_found_before_training(panoptic_root, missing, message):
+    (panoptic_root / missing).unlink()
+    with pytest.raises(ValueError) as err:
+        build_dataset("val", _args(panoptic_root))
+    assert "panoptic_val2017.json" in str(err.value) and message in str(err.value)
+    assert "(000000000009." in str(err.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(annotations=[]), "the val split has no annotations"),
+    (lambda d: _segments(d).clear(), "the val split has 1 image(s) but no segments"),
+])
+def test_split_without_segments_is_refused(panoptic_root, change, message):
+    _rewrite(panoptic_root, change)
+    with pytest.raises(ValueError) as err:
+        build_dataset("val", _args(panoptic_root))
+    assert "panoptic_val2017.json: " + message in str(err.value)
+
+
+def test_panoptic_file_not_utf8_names_the_line(panoptic_root):
+    ann_file = panoptic_root / "annotations" / "panoptic_val2017.json"
+    ann_file.write_bytes(ann_file.read_bytes().replace(b'"tree"', b'\n"tr\xe9e"'))
+    with pytest.raises(ValueError, match=r"panoptic_val2017\.json: line 2 is not UTF-8 text \(byte 0xe9"):
+        build_dataset("val", _args(panoptic_root))

@@ -216,3 +216,103 @@ def test_classes_txt_and_missing_names(tmp_path):
         yolo.class_names(tmp_path)
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
     assert yolo.class_names(tmp_path) == ["cat", "dog"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels that do not pair with their images, names that disagree, text that is not UTF-8
+
+
+def _convert(root: Path, split: str = "train"):
+    return yolo.yolo_to_coco(*yolo.split_folders(root, split), yolo.class_names(root))
+
+
+def test_missing_labels_folder_is_refused_naming_what_is_there(tmp_path):
+    root = _tiny_yolo(tmp_path / "data", "")
+    (root / "labels").rename(root / "Labels")
+    with pytest.raises(FileNotFoundError) as err:
+        _convert(root)
+    message = str(err.value)
+    assert f"labels folder not found: {root / 'labels' / 'train'}" in message
+    assert f"{root} holds: Labels, data.yaml, images" in message
+
+
+def test_label_files_named_after_no_image_are_refused(tmp_path):
+    root = _tiny_yolo(tmp_path / "data", "")
+    (root / "labels" / "train" / "x.txt").rename(root / "labels" / "train" / "x.jpg.txt")
+    with pytest.raises(ValueError, match=r"none of the 1 images in .* has a label file in .*looked for e\.g\. x\.txt; "
+                                         r"the folder holds 1 other \.txt files, e\.g\. x\.jpg\.txt"):
+        _convert(root)
+
+
+def test_two_images_sharing_one_label_file_are_refused(tmp_path):
+    root = _tiny_yolo(tmp_path / "data", "")
+    from PIL import Image
+    Image.new("RGB", (40, 30)).save(root / "images" / "train" / "x.jpg")
+    with pytest.raises(ValueError) as err:
+        _convert(root)
+    assert "x.jpg and" in str(err.value) and "x.png share the label file" in str(err.value)
+    assert str(root / "labels" / "train" / "x.txt") in str(err.value)
+
+
+def test_unlabelled_images_and_imageless_labels_are_noted_with_counts(tmp_path, caplog):
+    import logging
+    from PIL import Image
+
+    root = _tiny_yolo(tmp_path / "data", "")
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(root / "images" / "train" / name)
+    (root / "labels" / "train" / "gone.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    with caplog.at_level(logging.WARNING, logger="datasets.yolo"):
+        coco = _convert(root)
+    assert len(coco.dataset["images"]) == 3 and len(coco.dataset["annotations"]) == 1
+    assert "2 of 3 images have no label file in" in caplog.text and "(first: a.png)" in caplog.text
+    assert "1 label file(s) have no image in" in caplog.text and "(first: gone.txt)" in caplog.text
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("labels/train/x.txt", b"0 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.2 # caf\xe9\n",
+     "labels/train/x.txt: line 2 is not UTF-8 text (byte 0xe9 at offset 41)"),
+    ("data.yaml", b"nc: 2\nnames: [a, caf\xe9]\n", "data.yaml: line 2 is not UTF-8 text (byte 0xe9"),
+])
+def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path, name, data, message):
+    root = _tiny_yolo(tmp_path / "data", "")
+    (root / name).write_bytes(data)
+    with pytest.raises(ValueError) as err:
+        _convert(root)
+    assert str(root / message.split(":")[0]) in str(err.value) and message in str(err.value)
+
+
+def test_byte_order_marks_are_read(tmp_path):
+    root = _tiny_yolo(tmp_path / "data", "")
+    (root / "data.yaml").write_bytes(b"\xef\xbb\xbfnames: [a, b]\n")
+    (root / "labels" / "train" / "x.txt").write_bytes(b"\xef\xbb\xbf1 0.5 0.5 0.2 0.2\n")
+    coco = _convert(root)
+    assert [a["category_id"] for a in coco.dataset["annotations"]] == [1]
+    (tmp_path / "classes.txt").write_bytes(b"\xef\xbb\xbfcat\ndog\n")
+    assert yolo.class_names(tmp_path) == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nc: 3\nnames: [a, b]\n", "data.yaml: nc: 3 but names lists 2 (a, b); make them agree"),
+    ("nc: three\n", "data.yaml: nc: 'three' is not a number of classes"),
+])
+def test_data_yaml_nc_that_disagrees_is_refused(tmp_path, text, message):
+    (tmp_path / "data.yaml").write_text(text)
+    with pytest.raises(ValueError) as err:
+        yolo.class_names(tmp_path)
+    assert message in str(err.value)
+
+
+def test_classes_txt_other_than_data_yaml_is_noted(tmp_path, caplog):
+    import argparse
+    import logging
+
+    from datasets import build_dataset
+
+    root = _tiny_yolo(tmp_path / "data", "")
+    (root / "classes.txt").write_text("cat\ndog\n")
+    args = argparse.Namespace(dataset_file="yolo", data_path=str(root), num_classes=None, masks=False, image_scale=0.1)
+    with caplog.at_level(logging.WARNING, logger="datasets.yolo"):
+        dataset = build_dataset("train", args)
+    assert "classes.txt lists other class names (cat, dog) than data.yaml (a, b): data.yaml's are used" in caplog.text
+    assert dataset.category_names == {0: "a", 1: "b"}
