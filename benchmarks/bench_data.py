@@ -1,162 +1,118 @@
-"""Training data pipeline (decode + transforms + collate) in images/s: the project's path versus plain PIL.
+"""Training data pipeline (decode + transforms + collate) in images/s: the project's path against plain PIL.
 
-Both paths read the same generated JPEGs (COCO-like 640x480 by default, a few boxes each) in the
-same order, in one process with one torch thread (as in a DataLoader worker; --threads to
-change), batch 2, the same Python random seed per round for both paths:
-  project   datasets.coco.decode_image (torchvision.io) -> datasets.transforms.make_detr_transforms
-            -> util.misc.collate_fn
-  pil       benchmarks/pil_reference.py: PIL decode -> the same recipe on PIL images -> padding
-for the train recipe (random flip / multi-scale resize / crop) and the val recipe (resize to 800).
+Both read the same generated JPEGs (640x480, a few boxes each) in the same order, one torch thread (a
+DataLoader worker's), batch 2, the same Python random seed per round, interleaved:
+  project  datasets.coco.decode_image -> datasets.transforms.make_detr_transforms -> collate_fn
+  pil      pil_reference.py: PIL decode -> the same recipe on PIL images -> padding
+for the train recipe (flip, multi-scale resize, crop) and the val recipe (short side 800). Prints img/s,
+the ratio, and ms per image in decode, transforms and collate.
 
-    python benchmarks/bench_data.py                 # 100 images, 640x480
+    python benchmarks/bench_data.py
 """
 from __future__ import annotations
 
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 import pil_reference
-from common import base_parser, machine_info, median, print_machine, setup, write_json
+from common import base_parser, print_table, setup, summarize, time_interleaved, write_json
 
 BATCH = 2
+STAGES = ("decode", "transforms", "collate")
 
 
 def make_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0) -> list[tuple[Path, dict]]:
-    """Write `count` JPEGs with smooth content plus noise (roughly photo-like entropy) and box targets."""
+    """Write `count` JPEGs of smooth content plus noise (photo-like entropy), with targets (boxes xyxy absolute)."""
     rng = np.random.default_rng(seed)
     samples = []
     for i in range(count):
         coarse = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
         smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
-        pixels = np.clip(smooth + rng.integers(-12, 13, smooth.shape), 0, 255).astype(np.uint8)
         path = folder / f"{i:06d}.jpg"
-        Image.fromarray(pixels).save(path, quality=90)
+        Image.fromarray(np.clip(smooth + rng.integers(-12, 13, smooth.shape), 0, 255).astype(np.uint8)).save(
+            path, quality=90)
         n = int(rng.integers(1, 8))
-        x0 = rng.uniform(0, width * 0.7, n)
-        y0 = rng.uniform(0, height * 0.7, n)
-        boxes = np.stack([x0, y0, x0 + rng.uniform(10, width * 0.3, n), y0 + rng.uniform(10, height * 0.3, n)], 1)
-        boxes = torch.as_tensor(boxes, dtype=torch.float32)
-        target = {
+        x0, y0 = rng.uniform(0, width * 0.7, n), rng.uniform(0, height * 0.7, n)
+        boxes = torch.as_tensor(np.stack([x0, y0, x0 + rng.uniform(10, width * 0.3, n),
+                                          y0 + rng.uniform(10, height * 0.3, n)], 1), dtype=torch.float32)
+        samples.append((path, {
             "boxes": boxes, "labels": torch.as_tensor(rng.integers(1, 91, n), dtype=torch.int64),
             "image_id": torch.tensor([i]), "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
             "iscrowd": torch.zeros(n, dtype=torch.int64),
-            "orig_size": torch.tensor([height, width]), "size": torch.tensor([height, width]),
-        }
-        samples.append((path, target))
+            "orig_size": torch.tensor([height, width]), "size": torch.tensor([height, width])}))
     return samples
 
 
-class StageClock:
-    """Accumulates seconds per stage (decode, transforms, collate) over one pass."""
+def make_pipeline(samples: list[tuple[Path, dict]], decode: Callable, transform: Callable,
+                  collate: Callable) -> Callable[[], None]:
+    """A callable running every sample through decode, transform and collate in batches of BATCH, seeding
+    Python's and torch's random with its call count first; `run.stages` keeps seconds per stage per call."""
+    stages: list[dict[str, float]] = []
 
-    def __init__(self):
-        self.seconds = {"decode": 0.0, "transforms": 0.0, "collate": 0.0}
-        self._last = 0.0
+    def run() -> None:
+        random.seed(len(stages))
+        torch.manual_seed(len(stages))
+        seconds = dict.fromkeys(STAGES, 0.0)
+        for start in range(0, len(samples), BATCH):
+            items = []
+            for path, target in samples[start:start + BATCH]:
+                began = time.perf_counter()
+                image = decode(path)
+                decoded = time.perf_counter()
+                items.append(transform(image, {k: v.clone() for k, v in target.items()}))
+                seconds["decode"] += decoded - began
+                seconds["transforms"] += time.perf_counter() - decoded
+            began = time.perf_counter()
+            collate(items)
+            seconds["collate"] += time.perf_counter() - began
+        stages.append(seconds)
 
-    def start(self) -> None:
-        self._last = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.seconds[stage] += now - self._last
-        self._last = now
-
-
-def run_pipeline(samples: list[tuple[Path, dict]], decode, transform, collate) -> dict[str, float]:
-    """Decode, transform and collate all samples in batches of BATCH; returns seconds per stage."""
-    clock = StageClock()
-    for start in range(0, len(samples), BATCH):
-        items = []
-        for path, target in samples[start:start + BATCH]:
-            clock.start()
-            image = decode(path)
-            clock.lap("decode")
-            items.append(transform(image, {k: v.clone() for k, v in target.items()}))
-            clock.lap("transforms")
-        clock.start()
-        collate(items)
-        clock.lap("collate")
-    return clock.seconds
-
-
-def project_pipeline(image_set: str):
-    """Callable(samples) running the project's decode + transforms + collate over all samples."""
-    from datasets.coco import decode_image
-    from datasets.transforms import make_detr_transforms
-    from util.misc import collate_fn
-
-    transforms = make_detr_transforms(image_set)
-    return lambda samples: run_pipeline(samples, decode_image, transforms, collate_fn)
-
-
-def pil_pipeline(image_set: str):
-    """Callable(samples) running the plain-PIL reference over all samples."""
-    transform = pil_reference.train_transform if image_set == "train" else pil_reference.val_transform
-    return lambda samples: run_pipeline(samples, lambda p: pil_reference.decode(str(p)), transform,
-                                        pil_reference.collate)
+    run.stages = stages
+    return run
 
 
 def main() -> None:
+    from datasets.coco import decode_image
+    from datasets.transforms import make_detr_transforms
+    from util.nested_tensor import collate_fn
+
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=None, help="number of JPEGs (default 100; quick 4)")
-    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT of the JPEGs (default 640x480; quick 160x120)")
+    parser.add_argument("--images", type=int, default=None, help="number of JPEGs (default 100; --quick 4)")
+    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT of the JPEGs (default 640x480; --quick 160x120)")
     args = parser.parse_args()
-    if args.threads is None:
-        args.threads = 1  # what each DataLoader worker runs with; PIL is single-threaded too
-    device = setup(args)
+    args.threads = 1 if args.threads is None else args.threads  # a DataLoader worker's; PIL is single-threaded too
+    _, warmup, repeats, info = setup(args, 0 if args.quick else 1, 1 if args.quick else 3)
     count = args.images or (4 if args.quick else 100)
     width, height = (int(v) for v in (args.size or ("160x120" if args.quick else "640x480")).split("x"))
-    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-
-    info = machine_info(device)
-    print_machine(info)
-    print(f"{count} JPEGs of {width}x{height}, batch {BATCH}, single process "
-          f"(data work runs on the CPU whatever --device says)", flush=True)
+    print(f"{count} JPEGs of {width}x{height}, batch {BATCH}, one process (the data work runs on the CPU)", flush=True)
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         samples = make_jpegs(Path(tmp), count, width, height)
         for image_set in ("train", "val"):
-            paths = {"project": project_pipeline(image_set), "pil": pil_pipeline(image_set)}
-            times: dict[str, list[float]] = {name: [] for name in paths}
-            stages: dict[str, list[dict]] = {name: [] for name in paths}
-            for round_index in range(warmup + repeats):
-                for name, run in paths.items():
-                    # Same random draws per round for both paths (both use Python's random in the
-                    # original's order, so they mostly pick the same sizes).
-                    random.seed(round_index)
-                    torch.manual_seed(round_index)
-                    start = time.perf_counter()
-                    seconds = run(samples)
-                    if round_index >= warmup:
-                        times[name].append(time.perf_counter() - start)
-                        stages[name].append(seconds)
-            rows = {name: {"median_s": median(t), "img_per_s": count / median(t), "times_s": t,
-                           "ms_per_img": {stage: 1000 * median([s[stage] for s in stages[name]]) / count
-                                          for stage in stages[name][0]}}
-                    for name, t in times.items()}
-            ratio = rows["project"]["img_per_s"] / rows["pil"]["img_per_s"]
-            rows["project_over_pil"] = ratio
+            pil_transform = pil_reference.train_transform if image_set == "train" else pil_reference.val_transform
+            modes = {"project": make_pipeline(samples, decode_image, make_detr_transforms(image_set), collate_fn),
+                     "pil": make_pipeline(samples, pil_reference.decode, pil_transform, pil_reference.collate)}
+            rows = summarize(time_interleaved(modes, warmup, repeats), "pil")
+            for name, row in rows.items():
+                timed = modes[name].stages[warmup:]
+                row["img_per_s"] = count / row["median_s"]
+                row.update({f"{stage}_ms_per_img": 1000 * statistics.median([s[stage] for s in timed]) / count
+                            for stage in STAGES})
             results[image_set] = rows
-            print(f"{image_set:5s} recipe: project {rows['project']['img_per_s']:7.1f} img/s, "
-                  f"PIL {rows['pil']['img_per_s']:7.1f} img/s, ratio {ratio:.2f}x", flush=True)
-            for name in paths:
-                parts = ", ".join(f"{k} {v:.2f}" for k, v in rows[name]["ms_per_img"].items())
-                print(f"      {name:8s} ms/img: {parts}", flush=True)
-
-    write_json("data", {
-        "benchmark": "data", "machine": info, "quick": args.quick,
-        "config": {"images": count, "width": width, "height": height, "batch": BATCH,
-                   "warmup": warmup, "repeats": repeats},
-        "results": results,
-    }, args.out)
+            print_table(f"{image_set} recipe, {count} images, median of {repeats} (warm-up {warmup})", rows,
+                        [("img/s", "img_per_s", ".1f"), ("vs pil", "speedup", ".2f")]
+                        + [(f"{stage} ms", f"{stage}_ms_per_img", ".2f") for stage in STAGES])
+    write_json("data", args, info, {"images": count, "width": width, "height": height, "batch": BATCH,
+                                    "warmup": warmup, "repeats": repeats}, results)
 
 
 if __name__ == "__main__":

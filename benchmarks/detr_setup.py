@@ -1,8 +1,6 @@
-"""The models, targets and optimiser the benchmarks run, built from the public constructors of api.md.
-
-Full size is detr_resnet50 as released (ResNet-50, hidden 256, 8 heads, 6+6 layers, FFN 2048,
-100 queries, 91 classes) with random weights: the speed does not depend on the values.
---quick is a tiny model of the same structure (resnet18, hidden 32, 1+1 layers, 5 queries).
+"""The models, targets and optimiser the benchmarks run, from the public constructors: detr_resnet50 as
+released (ResNet-50, hidden 256, 6+6 layers, 100 queries, 91 classes) with random weights (the speed does
+not depend on them), or --quick's tiny model of the same structure (resnet18, hidden 32, 1+1 layers).
 """
 from __future__ import annotations
 
@@ -38,12 +36,10 @@ def build_detr(shape: DetrShape, aux_loss: bool, seed: int = 0) -> DETR:
     torch.manual_seed(seed)
     backbone = Backbone(shape.backbone, True, False, False)
     joiner = Joiner(backbone, PositionEmbeddingSine(shape.hidden_dim // 2, normalize=True))
-    transformer = Transformer(d_model=shape.hidden_dim, nhead=shape.nheads,
-                              num_encoder_layers=shape.enc_layers, num_decoder_layers=shape.dec_layers,
-                              dim_feedforward=shape.dim_feedforward, dropout=0.1,
-                              normalize_before=False, return_intermediate_dec=True)
-    return DETR(joiner, transformer, num_classes=shape.num_classes, num_queries=shape.num_queries,
-                aux_loss=aux_loss)
+    transformer = Transformer(d_model=shape.hidden_dim, nhead=shape.nheads, num_encoder_layers=shape.enc_layers,
+                              num_decoder_layers=shape.dec_layers, dim_feedforward=shape.dim_feedforward,
+                              dropout=0.1, normalize_before=False, return_intermediate_dec=True)
+    return DETR(joiner, transformer, num_classes=shape.num_classes, num_queries=shape.num_queries, aux_loss=aux_loss)
 
 
 def random_images(shape: DetrShape, batch: int, seed: int = 1) -> torch.Tensor:
@@ -65,9 +61,9 @@ def random_targets(shape: DetrShape, batch: int, boxes_per_image: int = 7, seed:
     return targets
 
 
-def build_criterion(shape: DetrShape):
+def build_criterion(shape: DetrShape) -> torch.nn.Module:
     """SetCriterion with the original's defaults: matcher costs 1/5/2, loss weights 1/5/2, eos 0.1, aux losses."""
-    from models.detr import SetCriterion
+    from models.criterion import SetCriterion
     from models.matcher import HungarianMatcher
 
     matcher = HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2)
@@ -85,27 +81,3 @@ def build_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
     rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
     return torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": 1e-5}],
                              lr=1e-4, weight_decay=1e-4)
-
-
-class _WeightsComputingAttention(torch.nn.MultiheadAttention):
-    """torch's nn.MultiheadAttention as the original DETR called it: attention weights always computed."""
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, **kwargs):
-        return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True, **kwargs)
-
-
-def with_original_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose attention modules are nn.MultiheadAttention returning head-averaged weights, as in
-    the original (which never passed need_weights=False); same parameters, so the same outputs."""
-    import copy
-
-    from models.attention import MultiheadAttention
-
-    model = copy.deepcopy(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, MultiheadAttention):
-                original = _WeightsComputingAttention(child.embed_dim, child.num_heads, dropout=child.dropout)
-                original.load_state_dict(child.state_dict())
-                setattr(parent, name, original.to(child.in_proj_weight.device))
-    return model

@@ -1,10 +1,8 @@
 """The baseline of bench_data.py: DETR's data recipe written plainly on PIL images, as the original did it.
 
-decode (PIL.Image.open + convert RGB) -> random horizontal flip -> either a random resize of the
-short side to one of 480..800 step 32 (long side <= 1333), or resize to 400/500/600 + random crop
-384..600 + the multi-scale resize -> to float tensor -> ImageNet normalisation, boxes to
-normalised cxcywh -> pad to a batch with a padding mask. Validation: resize the short side to 800.
-Boxes go in as absolute xyxy [N,4] float32.
+Train: PIL decode -> random flip -> random short side 480..800 (long <= 1333), or resize to 400/500/600,
+random crop 384..600, then the same multi-scale resize -> normalised tensor, boxes (absolute xyxy in) to
+normalised cxcywh -> padded batch and mask. Val: short side 800.
 """
 from __future__ import annotations
 
@@ -29,19 +27,20 @@ def decode(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-def resize(img: Image.Image, boxes: torch.Tensor, size: int, max_size: int | None):
+def resize(img: Image.Image, boxes: torch.Tensor, size: int, max_size: int | None) -> tuple[Image.Image, torch.Tensor]:
     h, w = resized_hw((img.height, img.width), size, max_size)  # the size arithmetic is not what is timed
     scale = torch.tensor([w / img.width, h / img.height, w / img.width, h / img.height])
     return img.resize((w, h), Image.BILINEAR), boxes * scale
 
 
-def hflip(img: Image.Image, boxes: torch.Tensor):
+def hflip(img: Image.Image, boxes: torch.Tensor) -> tuple[Image.Image, torch.Tensor]:
     w = img.width
     flipped = boxes[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor([w, 0.0, w, 0.0])
     return img.transpose(Image.FLIP_LEFT_RIGHT), flipped
 
 
-def random_size_crop(img: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, min_size: int, max_size: int):
+def random_size_crop(img: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, min_size: int,
+                     max_size: int) -> tuple[Image.Image, torch.Tensor, torch.Tensor]:
     w = random.randint(min_size, min(img.width, max_size))
     h = random.randint(min_size, min(img.height, max_size))
     top = random.randint(0, img.height - h)
@@ -53,7 +52,7 @@ def random_size_crop(img: Image.Image, boxes: torch.Tensor, labels: torch.Tensor
     return cropped, moved.reshape(-1, 4)[keep], labels[keep]
 
 
-def to_normalised(img: Image.Image, boxes: torch.Tensor):
+def to_normalised(img: Image.Image, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Float tensor [3,H,W] normalised with ImageNet statistics; boxes to cxcywh / (w, h)."""
     tensor = TF.normalize(TF.to_tensor(img), MEAN, STD)
     h, w = tensor.shape[-2:]
@@ -62,7 +61,7 @@ def to_normalised(img: Image.Image, boxes: torch.Tensor):
     return tensor, cxcywh / torch.tensor([w, h, w, h], dtype=torch.float32)
 
 
-def train_transform(img: Image.Image, target: dict):
+def train_transform(img: Image.Image, target: dict) -> tuple[torch.Tensor, dict]:
     boxes, labels = target["boxes"], target["labels"]
     if random.random() < 0.5:
         img, boxes = hflip(img, boxes)
@@ -76,14 +75,14 @@ def train_transform(img: Image.Image, target: dict):
     return tensor, {"boxes": boxes, "labels": labels, "size": torch.tensor(tensor.shape[-2:])}
 
 
-def val_transform(img: Image.Image, target: dict):
+def val_transform(img: Image.Image, target: dict) -> tuple[torch.Tensor, dict]:
     img, boxes = resize(img, target["boxes"], 800, MAX_SIZE)
     tensor, boxes = to_normalised(img, boxes)
     return tensor, {"boxes": boxes, "labels": target["labels"], "size": torch.tensor(tensor.shape[-2:])}
 
 
-def collate(batch: list[tuple[torch.Tensor, dict]]):
-    """Pad images bottom/right to the largest in the batch: (images [B,3,H,W], mask [B,H,W] True on padding, targets)."""
+def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Pad bottom/right to the largest image: (images [B,3,H,W], mask [B,H,W] True on padding, targets)."""
     images = [img for img, _ in batch]
     h = max(img.shape[1] for img in images)
     w = max(img.shape[2] for img in images)
