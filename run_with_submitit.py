@@ -23,6 +23,7 @@ import submitit
 import main as detr
 from util.checkpoint import CHECKPOINT_NAME, RESUME_AUTO
 from util.cli import HelpFormatter, exit_on_user_error
+from util.flag_types import parse_flags, positive_int
 
 REPO_DIR = Path(__file__).resolve().parent
 JOB_DIR_ENV = "DETR_JOB_DIR"
@@ -32,9 +33,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(usage="%(prog)s [options]", description="Submitit for DETR",
                                      parents=[detr.get_args_parser()], formatter_class=HelpFormatter)
     slurm = parser.add_argument_group("Slurm job")
-    slurm.add_argument("--ngpus", default=8, type=int, help="GPUs (= tasks) per node")
-    slurm.add_argument("--nodes", default=4, type=int, help="number of nodes")
-    slurm.add_argument("--timeout", default=60, type=int, help="time limit of one job, in minutes")
+    slurm.add_argument("--ngpus", default=8, type=positive_int, help="GPUs (= tasks) per node")
+    slurm.add_argument("--nodes", default=4, type=positive_int, help="number of nodes")
+    slurm.add_argument("--timeout", default=60, type=positive_int, help="time limit of one job, in minutes")
     slurm.add_argument("--job_dir", default="", type=str,
                        help="job folder ('%%j' = job id); empty = <--shared_dir or $DETR_JOB_DIR>/%%j")
     slurm.add_argument("--shared_dir", default="", type=str,
@@ -42,8 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--partition", default="", type=str, help="Slurm partition (empty: the cluster's default)")
     slurm.add_argument("--use_volta32", action="store_true", help="ask for 32 GB V100s (constraint volta32gb)")
     slurm.add_argument("--comment", default="", type=str, help="Slurm comment (e.g. why the job has priority)")
-    slurm.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per task (data loading)")
-    slurm.add_argument("--mem_per_gpu", default=40, type=int, help="host memory per GPU, in GB")
+    slurm.add_argument("--cpus_per_task", default=10, type=positive_int, help="CPU cores per task (data loading)")
+    slurm.add_argument("--mem_per_gpu", default=40, type=positive_int, help="host memory per GPU, in GB")
     slurm.add_argument("--executor", default="slurm", choices=["slurm", "local"],
                        help="slurm: submit with sbatch; local: run here with submitit's LocalExecutor (tests)")
     return parser
@@ -83,6 +84,7 @@ class Trainer:
         # applies while the job folder holds no checkpoint of its own.
         if not self.args.resume or (Path(self.args.output_dir) / CHECKPOINT_NAME).exists():
             self.args.resume = RESUME_AUTO
+            self.args.overwrite = False  # the fresh start it asked for has happened; now the run continues
         print(f"Requeuing with --resume {self.args.resume}", flush=True)
         return submitit.helpers.DelayedSubmission(type(self)(self.args))
 
@@ -142,7 +144,7 @@ def submit(args: argparse.Namespace) -> submitit.Job:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
+    args = parse_flags(get_args_parser(), argv)
     job = submit(args)
     if args.executor == "local":
         job.results()  # a local job lives with this process; wait, and raise if a task failed

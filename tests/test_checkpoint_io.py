@@ -1,8 +1,11 @@
 """util/checkpoint.py: atomic saves survive failures mid-write; checkpoints round-trip under weights_only."""
 import argparse
 import errno
+import io
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +60,97 @@ def test_disk_full_keeps_old_file_and_names_cause(tmp_path, monkeypatch):
     assert _files(tmp_path) == ["checkpoint.pth"]
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def test_stale_temp_from_killed_write_is_removed_by_next_save_and_never_resumed(tmp_path):
-    stale = tmp_path / ".checkpoint.pth.tmp-99999-deadbeef"
+    stale = tmp_path / f".checkpoint.pth.tmp-{_dead_pid()}-deadbeef"
     stale.write_bytes(b"PK\x03\x04 truncated by SIGKILL")
     assert ckpt.find_resumable(tmp_path) is None  # a temp file alone is not a checkpoint
     _save_old(tmp_path / "checkpoint.pth")
     assert _files(tmp_path) == ["checkpoint.pth"]
     assert ckpt.find_resumable(tmp_path) == tmp_path / "checkpoint.pth"
+
+
+def test_temp_file_of_a_live_writer_is_left_to_it(tmp_path):
+    """Two --eval runs writing eval.pth at once: neither deletes the other's temporary file."""
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = tmp_path / f".eval.pth.tmp-{writer.pid}-0123abcd"
+        busy.write_bytes(b"PK\x03\x04 being written")
+        _save_old(tmp_path / "eval.pth")
+        assert _files(tmp_path) == [busy.name, "eval.pth"]
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def _raise_in_write(monkeypatch, error: BaseException, after_bytes: int = 64) -> None:
+    """torch.save's writes into the temporary file fail with `error` once `after_bytes` are written."""
+    real_save = torch.save
+
+    class FailingWriter(io.RawIOBase):
+        def __init__(self, f):
+            self.f, self.count = f, 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            if self.count >= after_bytes:
+                raise error
+            self.count += len(data)
+            return self.f.write(data)
+
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, FailingWriter(f), *a, **k))
+
+
+def test_ctrl_c_inside_torch_save_is_an_interrupt_not_a_save_failure(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoint.pth"
+    old = _save_old(target)
+    _raise_in_write(monkeypatch, KeyboardInterrupt())  # torch wraps it: RuntimeError "unexpected pos"
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint({"model": {"w": torch.zeros(4096)}, "epoch": 2}, target)
+    assert target.read_bytes() == old
+    assert _files(tmp_path) == ["checkpoint.pth"]
+
+
+def test_disk_full_inside_torch_save_names_the_cause_not_torch_internals(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoint.pth"
+    old = _save_old(target)
+    _raise_in_write(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(CheckpointError) as info:
+        ckpt.save_checkpoint({"model": {"w": torch.zeros(2**20)}, "epoch": 2}, target)
+    message = str(info.value)
+    assert "unexpected pos" not in message
+    assert f"no space left on device (disk full at {tmp_path}: about 4.0 MiB needed" in message
+    assert "left intact" in message and "--resume auto" in message
+    assert target.read_bytes() == old
+    assert _files(tmp_path) == ["checkpoint.pth"]
+
+
+def test_real_full_disk_keeps_the_old_checkpoint(tmp_path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        target = mount / "checkpoint.pth"
+        ckpt.save_checkpoint({"model": {"w": torch.zeros(2**16)}, "epoch": 1}, target)  # 256 KiB
+        old = target.read_bytes()
+        with pytest.raises(CheckpointError) as info:
+            ckpt.save_checkpoint({"model": {"w": torch.zeros(2**18)}, "epoch": 2}, target)  # 1 MiB
+        message = str(info.value)
+        assert f"could not save checkpoint {target}: no space left on device (disk full at {mount}: " in message
+        assert "about 1.0 MiB needed" in message and "unexpected pos" not in message
+        assert target.read_bytes() == old
+        assert _files(mount) == ["checkpoint.pth"]
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_find_resumable_refuses_damaged_checkpoint(tmp_path):

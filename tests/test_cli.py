@@ -20,6 +20,7 @@ from util.cli import exit_on_user_error, user_error_message
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+import export  # noqa: E402
 import visualize_attention  # noqa: E402
 
 
@@ -162,7 +163,7 @@ def test_traceback_on_request(monkeypatch):
 # --help
 
 
-@pytest.mark.parametrize("make_parser", [main.get_args_parser, predict.get_args_parser,
+@pytest.mark.parametrize("make_parser", [main.get_args_parser, predict.get_args_parser, export.get_args_parser,
                                          run_with_submitit.get_args_parser, visualize_attention.get_args_parser])
 def test_every_flag_has_help_in_a_named_group(make_parser):
     parser = make_parser()
@@ -182,10 +183,9 @@ def test_help_shows_defaults_in_the_original_groups(monkeypatch, capsys):
     text = capsys.readouterr().out
     headings = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
     assert headings == ["options", "optimisation", "model", "model: backbone", "model: transformer",
-                        "model: segmentation", "loss",
+                        "model: segmentation", "loss", "matcher (Hungarian matching costs)", "loss coefficients",
                         "faster convergence (training only: the inference model stays the plain DETR)",
-                        "matcher (Hungarian matching costs)", "loss coefficients",
-                        "dataset", "run", "distributed"]
+                        "dataset", "run", "speed", "distributed"]
     flat = " ".join(text.split())
     assert "--lr LR AdamW learning rate outside the backbone (default: 0.0001)" in flat
     assert "--device DEVICE device for training/testing (cuda, cuda:N, cpu) (default: cuda)" in flat

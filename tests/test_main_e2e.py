@@ -49,7 +49,8 @@ def test_run_directory_layout(run):
     names = sorted(p.name for p in out.iterdir())
     # (epoch + 1) % lr_drop == 0 after both epochs -> checkpoint0000 and checkpoint0001
     # checkpoint_best.pth: the first evaluation is always a new best
-    assert names == ["checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth", "checkpoint_best.pth", "eval",
+    # .run.lock: the run's hold on the folder (util/run_lock.py)
+    assert names == [".run.lock", "checkpoint.pth", "checkpoint0000.pth", "checkpoint0001.pth", "checkpoint_best.pth", "eval",
                      "log.txt", "tensorboard"]
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["000.pth", "latest.pth"]  # epoch % 50 == 0
     assert any((out / "tensorboard").iterdir())
@@ -233,23 +234,22 @@ def _frozen_norm_backbone_file(path):
 
 
 def test_fast_training_default_matches_the_plain_run(tmp_path, malloc_tuning_calls):
-    """The default (models.fuse.optimize_for_training: frozen BN inside the conv, channels_last,
-    sparse dropout) against --no_fast_train and --channels_last alone: with torch's dropout draws
+    """The default (fast.optimize_for_training: frozen BN inside the conv, channels_last,
+    sparse dropout) against --no_fast_train: with torch's dropout draws
     (--no_sparse_dropout) the same first loss to 1e-5 (one step: 2 images, batch 2); with the
     default's own draws another loss; checkpoints that load strictly into the model as built."""
     weights = _frozen_norm_backbone_file(tmp_path / "resnet18.pth")
     runs = {}
     for name, extra in (("plain", ["--no_fast_train", "--no_malloc_tuning"]),
-                        ("channels_last", ["--no_fast_train", "--channels_last"]),
                         ("fast", ["--no_sparse_dropout"]), ("fast_sparse", [])):
         out = tmp_path / name
         main.main(_args("--data_path", str(tmp_path / "shapes"), "--epochs", "1", "--output_dir", str(out),
                         "--backbone_weights", str(weights), "--shapes_train_size", "2", *extra))
         runs[name] = (_log(out)[0], load_checkpoint(out / "checkpoint.pth"))
     plain_log, plain = runs["plain"][0], runs["plain"][1]["model"]
-    assert len(malloc_tuning_calls) == 3  # on the CPU glibc keeps freed memory, except with --no_malloc_tuning
+    assert len(malloc_tuning_calls) == 2  # on the CPU glibc keeps freed memory, except with --no_malloc_tuning
     assert abs(runs["fast_sparse"][0]["train_loss"] - plain_log["train_loss"]) > 1e-5  # other dropout draws
-    for name in ("channels_last", "fast", "fast_sparse"):
+    for name in ("fast", "fast_sparse"):
         fast_log, checkpoint = runs[name]
         fast = checkpoint["model"]
         assert fast["backbone.0.body.conv1.weight"].is_contiguous(memory_format=torch.channels_last)

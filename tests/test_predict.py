@@ -1,4 +1,6 @@
-"""predict.py: a folder of mixed pictures -> predictions.json (loadRes-valid) + one drawn picture each."""
+"""predict.py: a folder of mixed pictures -> predictions.json (loadRes-valid) + one drawn picture each;
+the modules it reads, scores and draws with (util/pictures.py, util/detections.py, util/drawing.py)
+and takes the model's flags from the checkpoint with (util/model_flags.py)."""
 import argparse
 import contextlib
 import io
@@ -13,6 +15,10 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import predict
+from util.detections import detections
+from util.drawing import DRAW_MIN_LONG_SIDE, colour_for, draw_detections, draw_enlarged, drawing_scale, place_label
+from util.model_flags import apply_checkpoint_args, shape_args_from_state_dict
+from util.pictures import aspect_ratio_order, load_rgb
 
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",
         "--nheads", "2", "--enc_layers", "1", "--dec_layers", "1", "--num_queries", "10", "--image_scale", "0.16",
@@ -35,7 +41,7 @@ def _exif_rotated(path: Path) -> None:
 
 def test_load_rgb_honours_exif_orientation(tmp_path):
     _exif_rotated(tmp_path / "rot.jpg")
-    image = predict.load_rgb(tmp_path / "rot.jpg")
+    image = load_rgb(tmp_path / "rot.jpg")
     assert image.size == (40, 20) and image.mode == "RGB"
     right, left = image.getpixel((35, 10)), image.getpixel((5, 10))
     assert right[0] > 200 and right[2] < 60
@@ -49,18 +55,18 @@ def test_load_rgb_converts_every_mode(tmp_path):
     Image.new("L", (8, 8), 100).save(tmp_path / "g.png")
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
     Image.fromarray(np.full((8, 8), 4000, dtype=np.uint16)).save(tmp_path / "d.png")
-    a = predict.load_rgb(tmp_path / "a.png")
+    a = load_rgb(tmp_path / "a.png")
     assert a.getpixel((0, 0)) == (255, 255, 255) and a.getpixel((1, 1)) == (255, 0, 0)  # alpha over white
-    assert predict.load_rgb(tmp_path / "g.png").getpixel((3, 3)) == (100, 100, 100)
-    cyan_free = predict.load_rgb(tmp_path / "c.jpg").getpixel((3, 3))
+    assert load_rgb(tmp_path / "g.png").getpixel((3, 3)) == (100, 100, 100)
+    cyan_free = load_rgb(tmp_path / "c.jpg").getpixel((3, 3))
     assert cyan_free[0] > 200 and cyan_free[1] < 60
-    assert predict.load_rgb(tmp_path / "d.png").mode == "RGB"
+    assert load_rgb(tmp_path / "d.png").mode == "RGB"
 
 
 def test_load_rgb_warns_and_skips_text(tmp_path):
     (tmp_path / "notes.txt").write_text("not a picture")
     with pytest.warns(UserWarning, match=r"skipping .*notes.txt: not a readable picture"):
-        assert predict.load_rgb(tmp_path / "notes.txt") is None
+        assert load_rgb(tmp_path / "notes.txt") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,14 +76,14 @@ def test_load_rgb_warns_and_skips_text(tmp_path):
 def test_detections_restricts_to_real_categories_and_scales_boxes():
     logits = torch.tensor([[[0.0, 5.0, 1.0, 0.0], [0.0, 0.0, 0.5, 3.0]]])  # 3 classes + no-object
     boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])
-    out = predict.detections({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100.0, 200.0]]),
+    out = detections({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100.0, 200.0]]),
                              valid_ids=[0, 2], threshold=0.01)[0]
     # Query 0 prefers class 1, which is not a category: its best real class is 2.
     assert out["labels"].tolist() == [2, 2]
     probs = logits.softmax(-1)[0]
     assert out["scores"].tolist() == pytest.approx([probs[0, 2].item(), probs[1, 2].item()])
     assert out["boxes"][0].tolist() == pytest.approx([50.0, 25.0, 150.0, 75.0])
-    high = predict.detections({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100.0, 200.0]]),
+    high = detections({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100.0, 200.0]]),
                               valid_ids=None, threshold=0.5)[0]
     assert high["labels"].tolist() == [1] and high["queries"].tolist() == [0]
 
@@ -92,12 +98,12 @@ def _tsv_state_dict(name):
 
 
 def test_shape_flags_inferred_from_released_weights():
-    r50 = predict.shape_args_from_state_dict(_tsv_state_dict("detr_resnet50"))
+    r50 = shape_args_from_state_dict(_tsv_state_dict("detr_resnet50"))
     assert r50 == {"masks": False, "num_classes": 91, "num_queries": 100, "hidden_dim": 256, "enc_layers": 6,
                    "dec_layers": 6, "dim_feedforward": 2048, "pre_norm": False, "backbone": "resnet50"}
-    panoptic = predict.shape_args_from_state_dict(_tsv_state_dict("detr_resnet50_panoptic"))
+    panoptic = shape_args_from_state_dict(_tsv_state_dict("detr_resnet50_panoptic"))
     assert panoptic["masks"] and panoptic["num_classes"] == 250
-    assert predict.shape_args_from_state_dict(_tsv_state_dict("detr_resnet101"))["backbone"] == "resnet101"
+    assert shape_args_from_state_dict(_tsv_state_dict("detr_resnet101"))["backbone"] == "resnet101"
 
 
 def test_explicit_flags_beat_checkpoint_args():
@@ -105,12 +111,16 @@ def test_explicit_flags_beat_checkpoint_args():
     args = predict.get_args_parser().parse_args(argv)
     saved = argparse.Namespace(**vars(args))
     saved.nheads, saved.enc_layers, saved.threshold, saved.device, saved.dropout = 2, 3, 0.9, "cuda", 0.25
+    saved.batch_size, saved.image_scale, saved.eos_coef = 7, 0.5, 0.3  # main.py's flags of the training run
     state = {"class_embed.weight": torch.zeros(6, 8), "query_embed.weight": torch.zeros(7, 8)}
-    merged = predict.apply_checkpoint_args(args, predict.explicit_flags(argv), {"model": state, "args": saved})
+    merged = apply_checkpoint_args(args, predict.get_args_parser, argv, {"model": state, "args": saved})
     assert merged.nheads == 4  # explicit
     assert merged.dropout == 0.25  # from the checkpoint's args
     assert (merged.num_classes, merged.num_queries, merged.hidden_dim) == (5, 7, 8)  # from its weights
     assert merged.threshold == 0.3 and merged.device is None  # run options never come from the checkpoint
+    assert merged.batch_size == 2  # predict.py's own flag, at its default
+    assert (merged.image_scale, merged.eos_coef) == (0.5, 0.3)  # training settings predict.py has no flag for
+    assert merged.backbone_weights == "checkpoint" and merged.frozen_weights is None  # weights come from it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,8 +168,9 @@ def test_predict_folder_end_to_end(tmp_path, recwarn, malloc_tuning_calls):
     out = tmp_path / "out"
     summary = predict.main(["--resume", str(tmp_path / "ckpt.pth"), "--img_dirs", str(folder),
                             "--output_dir", str(out), "--threshold", "0", "--batch_size", "3"])
-    assert summary["images"] == 4 and summary["skipped"] == [str(folder / "readme.txt")]
-    assert malloc_tuning_calls == [True]  # on the CPU, glibc keeps freed memory (util/allocator.py)
+    assert summary["images"] == 4
+    assert summary["skipped"] == [{"path": str(folder / "readme.txt"), "reason": "not a readable picture"}]
+    assert malloc_tuning_calls == [True]  # on the CPU, glibc keeps freed memory (fast/allocator.py)
     assert any("readme.txt" in str(w.message) for w in recwarn)
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -178,18 +189,18 @@ def test_predict_folder_end_to_end(tmp_path, recwarn, malloc_tuning_calls):
         assert 0 <= x <= x + w <= image["width"] + 1e-3 and 0 <= y <= y + h <= image["height"] + 1e-3
 
     for name in images:
-        drawn_path = (out / "pictures" / name).with_suffix(".png")
+        drawn_path = out / "pictures" / f"{name}.png"  # the extension kept: a.jpg and a.png cannot collide
         drawn = Image.open(drawn_path).convert("RGB")
-        original = predict.load_rgb(folder / Path(name).name)
+        original = load_rgb(folder / Path(name).name)
         # Small pictures are drawn enlarged by a whole factor: 70-120 px -> at least 512 px long side.
-        factor = predict.drawing_scale(original.size)
+        factor = drawing_scale(original.size)
         assert factor > 1 and drawn.size == (original.width * factor, original.height * factor)
-        assert max(drawn.size) >= predict.DRAW_MIN_LONG_SIDE
+        assert max(drawn.size) >= DRAW_MIN_LONG_SIDE
         enlarged = original.resize(drawn.size, Image.BICUBIC)
         mine = [p for p in predictions if p["file_name"] == name]
         biggest = max(mine, key=lambda p: p["bbox"][2] * p["bbox"][3])
         assert _changed_fraction_on_outline(enlarged, drawn, [v * factor for v in biggest["bbox"]]) > 0.5, name
-    assert not (out / "pictures" / "pics" / "readme.png").exists()
+    assert not list((out / "pictures").rglob("readme*"))
 
 
 def _same_detections(found: list[dict], reference: list[dict]) -> None:
@@ -250,7 +261,7 @@ def test_aspect_ratio_groups_batch_alike_pictures_and_keep_file_order(tmp_path):
     for i, (h, w) in enumerate([(60, 100), (100, 60), (60, 100), (100, 60)]):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     _exif_rotated(tmp_path / "rotated.jpg")  # stored 20x40, displayed 40x20: the widest
-    assert predict.aspect_ratio_order([*sorted(folder.iterdir()), tmp_path / "rotated.jpg"]) == [4, 0, 2, 1, 3]
+    assert aspect_ratio_order([*sorted(folder.iterdir()), tmp_path / "rotated.jpg"]) == [4, 0, 2, 1, 3]
     found = {}
     for mode, extra in (("alone", ["--batch_size", "1"]), ("grouped", ["--batch_size", "2"])):
         predict.main(["--resume", str(tmp_path / "ckpt.pth"), "--img_dirs", str(folder), "--output_dir",
@@ -277,12 +288,12 @@ def test_mask_model_draws_masks(tmp_path):
     summary = predict.main(["--resume", str(tmp_path / "ckpt.pth"), "--img_dirs", str(tmp_path / "grey.png"),
                             "--output_dir", str(out), "--threshold", "0"])
     assert summary["detections"] == 10
-    drawn = np.asarray(Image.open(out / "pictures" / "grey.png").convert("RGB"), dtype=int)
+    drawn = np.asarray(Image.open(out / "pictures" / "grey.png.png").convert("RGB"), dtype=int)
     # The same boxes and labels drawn without masks: any difference is the masks' tint.
     predictions = json.loads((out / "predictions.json").read_text())
     boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (p["bbox"] for p in predictions)])
     labels = [f"{p['category_name']} {p['score']:.2f}" for p in predictions]
-    boxes_only = predict.draw_enlarged(grey, boxes, labels, [p["category_id"] for p in predictions],
+    boxes_only = draw_enlarged(grey, boxes, labels, [p["category_id"] for p in predictions],
                                        scores=[p["score"] for p in predictions])
     assert drawn.shape == (48 * 8, 64 * 8, 3)  # 64 px wide: enlarged 8x to reach 512
     assert (np.abs(drawn - np.asarray(boxes_only, dtype=int)).sum(-1) > 0).mean() > 0.05
@@ -305,31 +316,31 @@ def test_highest_score_label_is_drawn_on_top(given_order):
     boxes = torch.tensor([[10.0, 30.0, 60.0, 80.0], [10.0, 30.0, 70.0, 90.0]])
     category_ids = [1 if score == 0.98 else 2 for score in given_order]
     labels = [f"c{c} {s:.2f}" for c, s in zip(category_ids, given_order)]
-    drawn = predict.draw_detections(white, boxes, labels, category_ids, scores=given_order)
-    corner = drawn.getpixel(predict.place_label(boxes[0].tolist(), (10, 10), drawn.size))
-    assert corner == predict.colour_for(1)  # the 0.98 detection's label, whatever the input order
+    drawn = draw_detections(white, boxes, labels, category_ids, scores=given_order)
+    corner = drawn.getpixel(place_label(boxes[0].tolist(), (10, 10), drawn.size))
+    assert corner == colour_for(1)  # the 0.98 detection's label, whatever the input order
 
 
 def test_labels_stay_inside_the_picture():
-    assert predict.place_label([120.0, 50.0, 128.0, 60.0], (40, 12), (128, 96)) == (88, 38)  # moved left
-    assert predict.place_label([5.0, 3.0, 50.0, 40.0], (40, 12), (128, 96)) == (5, 3)  # no room above: inside
-    assert predict.place_label([-9.0, 90.0, 20.0, 99.0], (40, 12), (128, 96)) == (0, 78)  # off the picture
+    assert place_label([120.0, 50.0, 128.0, 60.0], (40, 12), (128, 96)) == (88, 38)  # moved left
+    assert place_label([5.0, 3.0, 50.0, 40.0], (40, 12), (128, 96)) == (5, 3)  # no room above: inside
+    assert place_label([-9.0, 90.0, 20.0, 99.0], (40, 12), (128, 96)) == (0, 78)  # off the picture
     # Drawn: the label at the right edge is complete, as wide as the same label in open space.
-    label, colour = ["rectangle 0.98"], predict.colour_for(3)
-    edge = predict.draw_detections(Image.new("RGB", (128, 96), (255, 255, 255)),
+    label, colour = ["rectangle 0.98"], colour_for(3)
+    edge = draw_detections(Image.new("RGB", (128, 96), (255, 255, 255)),
                                    torch.tensor([[110.0, 40.0, 127.0, 60.0]]), label, [3], scores=[0.98])
-    room = predict.draw_detections(Image.new("RGB", (128, 96), (255, 255, 255)),
+    room = draw_detections(Image.new("RGB", (128, 96), (255, 255, 255)),
                                    torch.tensor([[2.0, 40.0, 20.0, 60.0]]), label, [3], scores=[0.98])
     first, last = _label_run(edge, colour, 30)
     assert last == 127 and last - first == np.subtract(*_label_run(room, colour, 30)[::-1])
 
 
 def test_small_pictures_are_enlarged_for_drawing_only():
-    assert predict.drawing_scale((128, 100)) == 4 and predict.drawing_scale((1000, 600)) == 1
+    assert drawing_scale((128, 100)) == 4 and drawing_scale((1000, 600)) == 1
     picture = Image.new("RGB", (128, 96), (255, 255, 255))
     boxes = torch.tensor([[16.0, 20.0, 64.0, 60.0]])
-    drawn = predict.draw_enlarged(picture, boxes, ["a 0.90"], [1], scores=[0.9])
+    drawn = draw_enlarged(picture, boxes, ["a 0.90"], [1], scores=[0.9])
     assert drawn.size == (512, 384)
     # the outline sits at the box's corner times 4; boxes passed in stay in the picture's pixels
-    assert drawn.getpixel((16 * 4 + 10, 60 * 4)) == predict.colour_for(1)
+    assert drawn.getpixel((16 * 4 + 10, 60 * 4)) == colour_for(1)
     assert boxes.tolist() == [[16.0, 20.0, 64.0, 60.0]]

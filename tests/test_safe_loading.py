@@ -115,7 +115,8 @@ def test_predict_refuses(tmp_path):
     Image.new("RGB", (64, 48), (120, 30, 200)).save(images / "a.jpg")
     path, marker = _malicious_checkpoint(tmp_path)
     with pytest.raises(SystemExit, match=rf"evil\.pth: it is {REFUSAL}"):
-        predict.main([*TINY, "--resume", str(path), "--img_dirs", str(images), "--output_dir", str(tmp_path / "pred")])
+        predict.main(["--device", "cpu", "--resume", str(path), "--img_dirs", str(images),
+                      "--output_dir", str(tmp_path / "pred")])
     assert not marker.exists()
     assert not (tmp_path / "pred" / "predictions.json").exists()
 

@@ -1,7 +1,9 @@
 """Export DETR for deployment: TorchScript (any model) or ONNX (detection models).
 
     python tools/export.py --resume detr-r50-e632da11.pth --format onnx --out detr.onnx
-    python tools/export.py --resume CKPT --masks --dataset_file coco_panoptic --format torchscript --out detr.pt
+    python tools/export.py --resume detr-r50-panoptic-00ce5173.pth --format torchscript --out detr.pt
+
+Model-shape flags come from the checkpoint as in predict.py (util/model_flags.py; explicit flags win).
 
 ONNX input `images` [1, 3, H, W] (normalised as in training, H and W free), outputs
 `pred_logits` [1, Q, C+1] and `pred_boxes` [1, Q, 4] (normalised cxcywh).
@@ -16,7 +18,11 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models import build_model  # noqa: E402
+from util.checkpoint import load_checkpoint, load_model_state  # noqa: E402
 from util.cli import HelpFormatter, exit_on_user_error  # noqa: E402
+from util.flag_types import parse_flags  # noqa: E402
+from util.model_flags import add_model_flags, apply_checkpoint_args  # noqa: E402
 from util.nested_tensor import nested_tensor_from_tensor_list  # noqa: E402
 
 
@@ -49,27 +55,34 @@ def export_onnx(model: nn.Module, path: str, height: int = 800, width: int = 106
                       dynamo=True, dynamic_shapes={"samples": {2: h, 3: w}})
 
 
-def main() -> None:
-    import main as detr_main
-    from models import build_model
-    from util.checkpoint import load_checkpoint, load_model_state
-
+def get_args_parser() -> argparse.ArgumentParser:
+    """The export flags plus the model-shape flags (which default to the checkpoint's)."""
     parser = argparse.ArgumentParser(usage="%(prog)s --resume CKPT --out FILE [options]", description="DETR export",
-                                     parents=[detr_main.get_args_parser()], formatter_class=HelpFormatter)
+                                     formatter_class=HelpFormatter)
     export = parser.add_argument_group("export")
+    export.add_argument("--resume", default="", help="checkpoint path or https/file URL of the trained model")
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx",
                         help="onnx: detection models, free image size; torchscript: any model")
     export.add_argument("--out", required=True, help="output file (.onnx or .pt)")
-    args = parser.parse_args()
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    add_model_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = get_args_parser()
+    args = parse_flags(parser, argv)
+    if not args.resume:
+        parser.error("--resume CKPT is required: the checkpoint (path or URL) to export")
+    checkpoint = load_checkpoint(args.resume)
+    args = apply_checkpoint_args(args, get_args_parser, argv, checkpoint)
     # A model trained with --backbone_weights none has trainable BatchNorm; build it the same way.
-    trained_with = getattr(checkpoint.get("args"), "backbone_weights", None) if checkpoint else None
-    args.backbone_weights = "none" if trained_with == "none" else "checkpoint"
+    if getattr(checkpoint.get("args"), "backbone_weights", None) == "none":
+        args.backbone_weights = "none"
     args.aux_loss = False
     args.device = "cpu"
     model, _, _ = build_model(args)
-    if checkpoint is not None:
-        load_model_state(model, checkpoint["model"])
+    load_model_state(model, checkpoint["model"])
     if args.format == "onnx":
         if args.masks:
             raise SystemExit("export.py: ONNX export covers detection models; use --format torchscript with --masks")

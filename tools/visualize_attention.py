@@ -8,7 +8,7 @@ Writes one PNG, a row of panels of the (upright, RGB) picture resized so its lon
 scoring above --threshold; the single best one when none is), the attention of that object
 query over the picture (mean over heads, bilinearly upsampled from the feature map, drawn as
 a heat map) with its box. The PNG is (1 + detections) * panel width by panel height pixels.
-Model-shape flags come from the checkpoint as in predict.py (explicit flags win).
+Model-shape flags come from the checkpoint as in predict.py (util/model_flags.py; explicit flags win).
 """
 from __future__ import annotations
 
@@ -29,23 +29,32 @@ from matplotlib import colormaps  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import predict  # noqa: E402
+from datasets.transforms import make_detr_transforms  # noqa: E402
+from models import build_model  # noqa: E402
+from util.checkpoint import CheckpointError, load_checkpoint, load_model_state  # noqa: E402
 from util.cli import HelpFormatter, exit_on_user_error  # noqa: E402
+from util.detections import category_names, detections  # noqa: E402
+from util.device import resolve_device  # noqa: E402
+from util.drawing import draw_detections  # noqa: E402
+from util.flag_types import parse_flags, positive_int, probability  # noqa: E402
+from util.model_flags import add_model_flags, apply_checkpoint_args  # noqa: E402
+from util.pictures import load_rgb  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    import main
-
+    """The tool's own flags plus the model-shape flags (which default to the checkpoint's)."""
     parser = argparse.ArgumentParser(usage="%(prog)s --resume CKPT --image PICTURE [options]",
-                                     description="DETR decoder attention maps",
-                                     parents=[main.get_args_parser()], formatter_class=HelpFormatter)
+                                     description="DETR decoder attention maps", formatter_class=HelpFormatter)
     view = parser.add_argument_group("attention maps")
+    view.add_argument("--resume", default="", help="checkpoint path or https/file URL of the trained model")
     view.add_argument("--image", required=True, help="the picture to look at")
     view.add_argument("--out", default="attention.png", help="PNG file to write")
-    view.add_argument("--threshold", type=float, default=0.7, help="detections scoring above this are shown")
-    view.add_argument("--top_k", type=int, default=6, help="at most this many detections (best first)")
-    view.add_argument("--max_side", type=int, default=480, help="long side of each panel, in pixels")
-    parser.set_defaults(device=None)
+    view.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    view.add_argument("--threshold", type=probability, default=0.7,
+                      help="detections scoring above this, in [0, 1), are shown")
+    view.add_argument("--top_k", type=positive_int, default=6, help="at most this many detections (best first)")
+    view.add_argument("--max_side", type=positive_int, default=480, help="long side of each panel, in pixels")
+    add_model_flags(parser)
     return parser
 
 
@@ -114,12 +123,12 @@ def render(picture: PIL.Image.Image, boxes_xyxy: torch.Tensor, labels: list[str]
     size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
     base = picture.resize(size, PIL.Image.BILINEAR)
     boxes = boxes_xyxy * scale
-    panels = [predict.draw_detections(base, boxes, labels, category_ids, scores=scores)]
+    panels = [draw_detections(base, boxes, labels, category_ids, scores=scores)]
     for index in range(len(labels)):
         heat = PIL.Image.fromarray(_heat(attention[index], size))
         blended = PIL.Image.blend(base, heat, 0.6)
-        panels.append(predict.draw_detections(blended, boxes[index:index + 1], labels[index:index + 1],
-                                              category_ids[index:index + 1]))
+        panels.append(draw_detections(blended, boxes[index:index + 1], labels[index:index + 1],
+                                      category_ids[index:index + 1]))
     row = PIL.Image.new("RGB", (size[0] * len(panels), size[1]))
     for index, panel in enumerate(panels):
         row.paste(panel, (index * size[0], 0))
@@ -127,22 +136,17 @@ def render(picture: PIL.Image.Image, boxes_xyxy: torch.Tensor, labels: list[str]
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from datasets.transforms import make_detr_transforms
-    from models import build_model
-    from util.checkpoint import CheckpointError, load_checkpoint, load_model_state
-
     argv = sys.argv[1:] if argv is None else argv
     parser = get_args_parser()
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     if not args.resume:
         parser.error("--resume CKPT is required: the checkpoint (path or URL) to look into")
     try:
         checkpoint = load_checkpoint(args.resume, map_location="cpu")
     except CheckpointError as err:
         raise SystemExit(f"visualize_attention.py: {err}") from err
-    args = predict.apply_checkpoint_args(args, predict.explicit_flags(argv, get_args_parser), checkpoint)
-    args.backbone_weights, args.frozen_weights = "checkpoint", None
-    device = predict.resolve_device(args.device)
+    args = apply_checkpoint_args(args, get_args_parser, argv, checkpoint)
+    device = resolve_device(args.device)
     args.device = str(device)
     model, _, _ = build_model(args)
     try:
@@ -152,14 +156,14 @@ def main(argv: list[str] | None = None) -> Path:
     model = model.detr if hasattr(model, "detr") else model  # a mask model's box part holds the decoder
     model.to(device).eval()
 
-    picture = predict.load_rgb(Path(args.image))
+    picture = load_rgb(Path(args.image))
     if picture is None:
         raise SystemExit(f"--image {args.image}: not a readable picture")
     image, _ = make_detr_transforms("val", getattr(args, "image_scale", 1.0))(picture, None)
     outputs, attention = attention_maps(model, image.to(device))
-    names = predict.category_names(args, checkpoint)
+    names = category_names(args, checkpoint)
     sizes = torch.tensor([[picture.height, picture.width]], dtype=torch.float32, device=device)
-    found = predict.detections(outputs, sizes, sorted(names) if names else None, threshold=-1.0)[0]
+    found = detections(outputs, sizes, sorted(names) if names else None, threshold=-1.0)[0]
     order = found["scores"].argsort(descending=True)
     above = order[found["scores"][order] > args.threshold][: max(1, args.top_k)]
     chosen = above if len(above) else order[:1]

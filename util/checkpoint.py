@@ -23,6 +23,7 @@ import pathlib
 import pickle
 import random
 import re
+import shutil
 import uuid
 import zipfile
 from pathlib import Path
@@ -78,15 +79,31 @@ def _temp_prefix(target: Path) -> str:
     return f".{target.name}{_TMP_MARK}"
 
 
+def _writer_is_alive(temp_file: Path, prefix: str) -> bool:
+    """Whether the process named in `temp_file` (`<prefix><pid>-<random>`) still runs on this host."""
+    pid = temp_file.name[len(prefix):].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by another user
+        return True
+    return True
+
+
 def _remove_stale_temp_files(target: Path) -> None:
     """Delete temporary files left by an earlier process killed while writing `target`.
 
-    Only one run writes a given output directory, and only its main process saves, so any such
-    file found before a save is garbage from a killed write.
+    One training run holds a folder (util/run_lock.py) and only its main process saves; a file
+    whose writer still runs on this host (two `--eval` writing eval.pth at once) is left to it.
     """
-    for stale in target.parent.glob(_temp_prefix(target) + "*"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
+    prefix = _temp_prefix(target)
+    for stale in target.parent.glob(prefix + "*"):
+        if not _writer_is_alive(stale, prefix):
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -103,11 +120,32 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _describe_os_error(err: OSError) -> str:
-    if err.errno == errno.ENOSPC:
-        return "no space left on device (disk full); free space or choose another --output_dir"
-    if err.errno == errno.EDQUOT:
-        return "disk quota exceeded; free space or choose another --output_dir"
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{max(1, n_bytes // 1024)} KiB"
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def describe_os_error(err: OSError, directory: Path | None = None, needed: int | None = None) -> str:
+    """A failed write in words a user can act on: disk full (where, how much), quota, permissions.
+
+    `directory`: where the write went; `needed`: bytes it would have taken (to say what to free).
+    """
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on device (disk full" if err.errno == errno.ENOSPC else "disk quota exceeded ("
+        where = f" at {directory}" if directory is not None else ""
+        room = ""
+        if needed is not None and directory is not None:
+            free = _free_bytes(directory)
+            room = f": about {_size(needed)} needed" + (f", {_size(free)} free" if free is not None else "")
+        return f"{what}{where}{room}); free space or choose another --output_dir"
+    if err.errno == errno.EFBIG:
+        return "file too large (the process's file size limit, ulimit -f, or the filesystem's)"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"not writable ({err.strerror}); make the directory writable or choose another --output_dir"
     if err.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -115,12 +153,37 @@ def _describe_os_error(err: OSError) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of tensor data in `obj` (nested dicts, lists, tuples): about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def find_in_chain(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """`err` or the first of its causes/contexts that is a `kind` (torch.save wraps a failed
+    write, or a Ctrl-C inside it, in a RuntimeError about the stream position)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     """Write `obj` with torch.save to `path` atomically; other processes of a distributed run return.
 
     The file at `path` is replaced only once the new content is complete and on disk. On any
     failure the temporary file is removed, the previous checkpoint stays as it was, and a
-    CheckpointError naming the path and the cause is raised.
+    CheckpointError naming the path and the cause (disk full: where, about how much space is
+    needed) is raised. An interrupt (Ctrl-C, SIGTERM) during the write is re-raised as itself.
     """
     if not _is_main_process():
         return
@@ -136,17 +199,23 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     except BaseException as err:  # also KeyboardInterrupt: never leave a half-written temp file
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(err, OSError):
-            raise CheckpointError(
-                f"could not save checkpoint {target}: {_describe_os_error(err)}. "
-                "The previous checkpoint, if any, is left intact."
-            ) from err
-        if isinstance(err, Exception):
-            raise CheckpointError(
-                f"could not save checkpoint {target}: {type(err).__name__}: {err}. "
-                "The previous checkpoint, if any, is left intact."
-            ) from err
-        raise
+        interrupt = find_in_chain(err, KeyboardInterrupt)
+        if interrupt is not None and interrupt is not err:
+            raise interrupt from None
+        if not isinstance(err, Exception):
+            raise
+        needed = _tensor_bytes(obj)
+        os_error = find_in_chain(err, OSError)
+        free = _free_bytes(target.parent)
+        if os_error is None and free is not None and free < needed:  # a stream error that lost its errno
+            os_error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if isinstance(os_error, OSError):
+            cause = describe_os_error(os_error, target.parent, needed)
+            how_on = "; a training run continues from it with --resume auto"
+        else:
+            cause, how_on = f"{type(err).__name__}: {err}", ""
+        raise CheckpointError(f"could not save checkpoint {target}: {cause}. "
+                              f"The previous checkpoint, if any, is left intact{how_on}") from err
     _fsync_directory(target.parent)
 
 
@@ -162,7 +231,7 @@ def ensure_writable_dir(directory: str | os.PathLike) -> Path:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise CheckpointError(f"output directory {out} cannot be used: {_describe_os_error(err)}") from err
+        raise CheckpointError(f"output directory {out} cannot be used: {describe_os_error(err)}") from err
     return out
 
 

@@ -14,6 +14,12 @@ What counts as a user error:
   traceback. Errors re-raised from a DataLoader worker are judged by where the worker raised them.
 - SystemExit carrying a message (`raise SystemExit("...")`).
 
+Interrupts end in one line too: Ctrl-C (SIGINT) exits 130 and SIGTERM 143 (128 + the signal),
+saying the epoch that was running (`note_epoch`), that the last saved checkpoint is intact and
+`--resume auto` to continue. Within `exit_on_user_error` SIGTERM raises `Terminated`, a
+KeyboardInterrupt, so the same clean-up runs (a checkpoint being written is abandoned, its
+temporary file removed); a SIGTERM handler someone else installed (submitit) is left alone.
+
 Set DETR_TRACEBACK=1 to get the full traceback for every error.
 """
 from __future__ import annotations
@@ -22,11 +28,13 @@ import argparse
 import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from util.checkpoint import CheckpointError
+from util.checkpoint import CHECKPOINT_NAME, CheckpointError, find_in_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,16 +88,82 @@ def user_error_message(err: BaseException, always: tuple[type[BaseException], ..
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, like Ctrl-C's KeyboardInterrupt."""
+
+
+# The training epoch now running and the run's folder, for the report of an interrupt.
+_progress: dict[str, object] = {}
+
+
+def note_epoch(epoch: int, output_dir: str | os.PathLike | None) -> None:
+    """Record that training epoch `epoch` runs, saving into `output_dir` (None: nothing is saved)."""
+    _progress.update(epoch=epoch, output_dir=Path(output_dir) if output_dir else None)
+
+
+def interrupt_message(err: KeyboardInterrupt) -> str:
+    """One line: which signal, the epoch it stopped, and how the run continues."""
+    what = "stopped by SIGTERM" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+    if "epoch" not in _progress:
+        return what
+    what += f" in epoch {_progress['epoch']}"
+    output_dir = _progress["output_dir"]
+    if output_dir is None:
+        return f"{what}; nothing is saved without --output_dir"
+    checkpoint = Path(output_dir) / CHECKPOINT_NAME
+    if checkpoint.is_file():
+        return f"{what}; the last saved checkpoint {checkpoint} is intact: continue with --resume auto"
+    return f"{what}; no checkpoint saved in {output_dir} yet: run the command again with --resume auto"
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated inside the block (main thread, default handler only)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _exit_interrupted(err: KeyboardInterrupt) -> None:
+    print(f"error: {interrupt_message(err)}", file=sys.stderr, flush=True)
+    if threading.current_thread() is threading.main_thread():
+        # DataLoader workers got the signal too; torch's SIGCHLD handler would report each one's
+        # end as a failure while the loaders shut down.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    sys.exit(128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT))
+
+
 @contextlib.contextmanager
 def exit_on_user_error(*always: type[BaseException]) -> Iterator[None]:
-    """Run the body; a user error (see the module doc) prints `error: <message>` and exits 2.
+    """Run the body; a user error (see the module doc) prints `error: <message>` and exits 2,
+    an interrupt prints one line and exits 130 (Ctrl-C) or 143 (SIGTERM).
 
     `always`: exception types that are user errors wherever they are raised.
     """
+    _progress.clear()
+    verbose = bool(os.environ.get("DETR_TRACEBACK"))
     try:
-        yield
+        with _sigterm_raises():
+            yield
+    except KeyboardInterrupt as err:
+        if verbose:
+            raise
+        _exit_interrupted(err)
     except (Exception, SystemExit) as err:
-        message = None if os.environ.get("DETR_TRACEBACK") else user_error_message(err, always)
+        interrupt = find_in_chain(err, KeyboardInterrupt)  # a library turned the interrupt into its own error
+        if interrupt is not None and not verbose:
+            _exit_interrupted(interrupt)
+        message = None if verbose else user_error_message(err, always)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
