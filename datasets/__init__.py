@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from pycocotools.coco import COCO
 
-from datasets import coco, coco_panoptic, custom, shapes, yolo
+from datasets import coco, coco_panoptic, custom, object_augment, shapes, yolo
 
 DATASET_FILES = ("coco", "coco_panoptic", "shapes", "shapes_panoptic", "custom", "yolo")
 
@@ -25,8 +25,14 @@ def _kind(args) -> str:
 
 
 def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
-    """The 'train' or 'val' dataset of args.dataset_file; items are (image [3,H,W], target)."""
+    """The 'train' or 'val' dataset of args.dataset_file; items are (image [3,H,W], target).
+
+    A split the run reads is checked before any training (files present, images and boxes in it):
+    the training split unless --eval, the val split when it is evaluated (--eval, --eval_every > 0).
+    """
     dataset = _build(image_set, args)
+    if _is_read(image_set, args):
+        dataset.check_ready(image_set)
     paste = getattr(args, "copy_paste", 0)
     if paste and image_set == "train":
         if not isinstance(dataset, coco.CocoDetection):
@@ -38,7 +44,16 @@ def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
                              "(boxes only); copy-paste cuts objects along their polygons or RLE: add them, "
                              "or pass --copy_paste 0")
         dataset.copy_paste = paste
+    if image_set == "train":
+        object_augment.attach(dataset, args)
     return dataset
+
+
+def _is_read(image_set: str, args) -> bool:
+    evaluate_only = getattr(args, "eval", False)
+    if image_set == "train":
+        return not evaluate_only
+    return evaluate_only or getattr(args, "eval_every", 1) > 0
 
 
 def _build(image_set: str, args) -> torch.utils.data.Dataset:

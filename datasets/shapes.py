@@ -7,6 +7,10 @@ Generated deterministically (seeded) on first use, laid out like COCO so every C
     ROOT/panoptic_{train,val}2017/*.png               segment ids as id = R + 256 G + 256^2 B
     ROOT/shapes.json                                  the generation parameters (written last)
 Categories: 1 circle, 2 square, 3 triangle (things), 4 sky, 5 ground (stuff, panoptic only).
+Variants (tools/convergence.py draws its benchmark sets with them; the defaults give the files above):
+other shape kinds and category ids (`kinds`, `first_category_id`), object counts and sizes
+(`max_objects`, `radius`), colours that say nothing about the class (`colours="random"`), and
+boxes-only instance files (`boxes_only`: no `segmentation`, as many YOLO and COCO exports).
 Generation happens in a temporary sibling folder renamed into place, so an interrupted run
 never leaves a half-written dataset; a folder holding another generation is an error.
 
@@ -30,11 +34,25 @@ FORMAT_VERSION = 1
 THINGS = {1: ("circle", (220, 40, 40)), 2: ("square", (40, 70, 220)), 3: ("triangle", (240, 200, 30))}
 STUFF = {4: ("sky", (150, 200, 240)), 5: ("ground", (90, 140, 60))}
 MAX_OBJECTS = 5
+# Every shape kind the generator draws, with its class colour (the default kinds are THINGS').
+KIND_COLOURS = {"circle": (220, 40, 40), "square": (40, 70, 220), "triangle": (240, 200, 30),
+                "pentagon": (200, 60, 200), "hexagon": (30, 190, 190), "star": (250, 130, 20),
+                "cross": (120, 60, 20)}
+DEFAULT_STYLE = {"kinds": ["circle", "square", "triangle"], "first_category_id": 1, "max_objects": MAX_OBJECTS,
+                 "radius": [0.1, 0.25], "colours": "class", "boxes_only": False}
 
 
 def _shape_polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
     """Vertices (x, y) of a shape centred at (cx, cy) with circumradius `radius`."""
-    sides = {"circle": 32, "square": 4, "triangle": 3}[kind]
+    if kind in ("star", "cross"):
+        # star: 5 points, inner radius 0.45; cross: 12 corners of a plus sign with arms 0.35 wide
+        radii = [1.0, 0.45] * 5 if kind == "star" else [1.0, 1.0, 0.5] * 4
+        turns = ([k / 10 for k in range(10)] if kind == "star" else
+                 [q / 4 + d for q in range(4) for d in (-0.0595, 0.0595, 0.125)])
+        start = angle - math.pi / 2
+        return [(cx + radius * r * math.cos(start + 2 * math.pi * t),
+                 cy + radius * r * math.sin(start + 2 * math.pi * t)) for r, t in zip(radii, turns)]
+    sides = {"circle": 32, "square": 4, "triangle": 3, "pentagon": 5, "hexagon": 6}[kind]
     start = angle + (math.pi / 4 if kind == "square" else -math.pi / 2)
     return [(cx + radius * math.cos(start + 2 * math.pi * k / sides),
              cy + radius * math.sin(start + 2 * math.pi * k / sides)) for k in range(sides)]
@@ -50,11 +68,13 @@ def _overlap(a: list[float], b: list[float]) -> float:
     return w * h / smaller
 
 
-def _draw_scene(rng: np.random.Generator, image_size: int):
+def _draw_scene(rng: np.random.Generator, image_size: int, style: dict = DEFAULT_STYLE):
     """One image: (RGB uint8 [H,W,3], segment-id map int32 [H,W], segments, things).
 
     segments: [(segment id, category id)] in id order; things: [(category id, polygon)].
+    `style`: DEFAULT_STYLE's keys; with the defaults the random draws are those of the original scene.
     """
+    kinds, first = style["kinds"], style["first_category_id"]
     aspect = rng.uniform(0.75, 1.33)
     width, height = (image_size, max(16, round(image_size / aspect))) if aspect >= 1 else \
         (max(16, round(image_size * aspect)), image_size)
@@ -68,28 +88,31 @@ def _draw_scene(rng: np.random.Generator, image_size: int):
     pixels += rng.normal(0, 6, pixels.shape)
     ids = np.where(is_sky, 4000, 5000).astype(np.int32)
 
-    count = 0 if rng.random() < 0.1 else int(rng.integers(1, MAX_OBJECTS + 1))
+    count = 0 if rng.random() < 0.1 else int(rng.integers(1, style["max_objects"] + 1))
     things, placed = [], []
     short = min(width, height)
     for _ in range(count * 10):
         if len(things) == count:
             break
-        category = int(rng.integers(1, 4))
-        radius = rng.uniform(0.1, 0.25) * short
+        category = int(rng.integers(first, first + len(kinds)))
+        radius = rng.uniform(*style["radius"]) * short
         cx, cy = rng.uniform(radius * 0.7, width - radius * 0.7), rng.uniform(radius * 0.7, height - radius * 0.7)
         box = [cx - radius, cy - radius, cx + radius, cy + radius]
         if any(_overlap(box, other) > 0.35 for other in placed):
             continue
         placed.append(box)
-        things.append((category, _shape_polygon(THINGS[category][0], cx, cy, radius, rng.uniform(0, 2 * math.pi))))
+        things.append((category, _shape_polygon(kinds[category - first], cx, cy, radius, rng.uniform(0, 2 * math.pi))))
 
     canvas = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     id_map = Image.fromarray(ids)
     id_draw = ImageDraw.Draw(id_map)
     for index, (category, polygon) in enumerate(things):
-        jitter = rng.integers(-25, 26, 3)
-        colour = tuple(int(c) for c in np.clip(np.array(THINGS[category][1]) + jitter, 0, 255))
+        if style["colours"] == "random":  # colour says nothing about the class: only the shape does
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        else:
+            jitter = rng.integers(-25, 26, 3)
+            colour = tuple(int(c) for c in np.clip(np.array(KIND_COLOURS[kinds[category - first]]) + jitter, 0, 255))
         draw.polygon(polygon, fill=colour)
         id_draw.polygon(polygon, fill=category * 1000 + index + 1)
     segments = [(4000, 4), (5000, 5)] + [(c * 1000 + i + 1, c) for i, (c, _) in enumerate(things)]
@@ -100,17 +123,17 @@ def _ids_to_rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
 
 
-def categories(with_stuff: bool) -> list[dict]:
+def categories(with_stuff: bool, style: dict = DEFAULT_STYLE) -> list[dict]:
     """The COCO 'categories' entries: things (and, for panoptic, stuff) with isthing and colour."""
-    cats = [{"id": i, "name": n, "supercategory": "shape", "isthing": 1, "color": list(c)}
-            for i, (n, c) in THINGS.items()]
+    cats = [{"id": style["first_category_id"] + k, "name": n, "supercategory": "shape", "isthing": 1,
+             "color": list(KIND_COLOURS[n])} for k, n in enumerate(style["kinds"])]
     if with_stuff:
         cats += [{"id": i, "name": n, "supercategory": "background", "isthing": 0, "color": list(c)}
                  for i, (n, c) in STUFF.items()]
     return cats
 
 
-def _write_split(root: Path, split: str, size: int, image_size: int, seed: int) -> None:
+def _write_split(root: Path, split: str, size: int, image_size: int, seed: int, style: dict = DEFAULT_STYLE) -> None:
     from pycocotools import mask as coco_mask
 
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
@@ -119,7 +142,7 @@ def _write_split(root: Path, split: str, size: int, image_size: int, seed: int) 
     png_dir.mkdir()
     images, instances, panoptic = [], [], []
     for image_id in range(1, size + 1):
-        pixels, id_map, segments, things = _draw_scene(rng, image_size)
+        pixels, id_map, segments, things = _draw_scene(rng, image_size, style)
         height, width = id_map.shape
         file_name = f"{image_id:06d}.jpg"
         Image.fromarray(pixels).save(image_dir / file_name, quality=90)
@@ -129,9 +152,12 @@ def _write_split(root: Path, split: str, size: int, image_size: int, seed: int) 
             flat = [round(v, 2) for xy in polygon for v in xy]
             rle = coco_mask.frPyObjects([flat], height, width)
             x, y, w, h = coco_mask.toBbox(rle)[0].tolist()
-            instances.append({"id": len(instances) + 1, "image_id": image_id, "category_id": category,
-                              "segmentation": [flat], "area": float(coco_mask.area(rle)[0]),
-                              "bbox": [x, y, w, h], "iscrowd": 0})
+            instance = {"id": len(instances) + 1, "image_id": image_id, "category_id": category,
+                        "segmentation": [flat], "area": float(coco_mask.area(rle)[0]),
+                        "bbox": [x, y, w, h], "iscrowd": 0}
+            if style["boxes_only"]:
+                del instance["segmentation"]
+            instances.append(instance)
         infos = []
         for segment_id, category in segments:
             ys, xs = np.nonzero(id_map == segment_id)
@@ -143,21 +169,48 @@ def _write_split(root: Path, split: str, size: int, image_size: int, seed: int) 
         panoptic.append({"image_id": image_id, "file_name": f"{image_id:06d}.png", "segments_info": infos})
     annotations = root / "annotations"
     with open(annotations / f"instances_{split}2017.json", "w") as f:
-        json.dump({"images": images, "annotations": instances, "categories": categories(False)}, f)
+        json.dump({"images": images, "annotations": instances, "categories": categories(False, style)}, f)
     with open(annotations / f"panoptic_{split}2017.json", "w") as f:
-        json.dump({"images": images, "annotations": panoptic, "categories": categories(True)}, f)
+        json.dump({"images": images, "annotations": panoptic, "categories": categories(True, style)}, f)
+
+
+def scene_style(**changes) -> dict:
+    """DEFAULT_STYLE with `changes` (kinds, first_category_id, max_objects, radius, colours,
+    boxes_only), checked: a bad value is a ValueError naming the field and what is allowed."""
+    unknown = set(changes) - set(DEFAULT_STYLE)
+    if unknown:
+        raise ValueError(f"shapes: unknown style field(s) {sorted(unknown)}; known: {sorted(DEFAULT_STYLE)}")
+    style = {**DEFAULT_STYLE, **changes}
+    style["kinds"], style["radius"] = list(style["kinds"]), [float(r) for r in style["radius"]]
+    bad_kinds = [k for k in style["kinds"] if k not in KIND_COLOURS]
+    if not style["kinds"] or bad_kinds or len(set(style["kinds"])) != len(style["kinds"]):
+        raise ValueError(f"shapes: kinds {style['kinds']}: give distinct names among {sorted(KIND_COLOURS)}")
+    ids = range(style["first_category_id"], style["first_category_id"] + len(style["kinds"]))
+    if style["first_category_id"] < 1 or set(ids) & set(STUFF):
+        raise ValueError(f"shapes: first_category_id {style['first_category_id']} gives thing ids {list(ids)}; "
+                         f"they must be >= 1 and avoid the stuff ids {sorted(STUFF)}")
+    if style["max_objects"] < 1 or not 0 < style["radius"][0] <= style["radius"][1] <= 0.5:
+        raise ValueError(f"shapes: max_objects {style['max_objects']} must be >= 1 and radius {style['radius']} "
+                         "a [min, max] fraction of the short side with 0 < min <= max <= 0.5")
+    if style["colours"] not in ("class", "random"):
+        raise ValueError(f"shapes: colours {style['colours']!r}: 'class' (a colour per class) or 'random'")
+    return style
 
 
 def ensure_shapes(root: str | Path, train_size: int = 256, val_size: int = 64, image_size: int = 128,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, **style_changes) -> Path:
     """The dataset folder `root`, generated first if absent; returns `root` as a Path.
 
+    `style_changes`: scene_style's fields (another kind of data; none = the default files).
     A folder generated with the same parameters is reused as it is; one holding another
     generation (or other files) raises ValueError naming both, since mixing would be silent.
     """
     root = Path(root)
+    style = scene_style(**style_changes)
     params = {"format_version": FORMAT_VERSION, "train_size": int(train_size), "val_size": int(val_size),
               "image_size": int(image_size), "seed": int(seed)}
+    # Only fields that differ from the defaults are recorded, so a default folder's marker is unchanged.
+    params.update({k: v for k, v in style.items() if v != DEFAULT_STYLE[k]})
     if min(train_size, val_size) < 1 or image_size < 16:
         raise ValueError(f"shapes: need train_size, val_size >= 1 and image_size >= 16, got {params}")
     existing = _read_marker(root)
@@ -176,7 +229,7 @@ def ensure_shapes(root: str | Path, train_size: int = 256, val_size: int = 64, i
     try:
         (tmp / "annotations").mkdir()
         for split, size in (("train", train_size), ("val", val_size)):
-            _write_split(tmp, split, size, image_size, seed)
+            _write_split(tmp, split, size, image_size, seed, style)
         (tmp / "shapes.json").write_text(json.dumps(params))
         try:
             if root.exists():
@@ -242,8 +295,19 @@ def main() -> None:
     parser.add_argument("--val_size", type=int, default=64, help="validation images")
     parser.add_argument("--image_size", type=int, default=128, help="long side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same files)")
+    parser.add_argument("--kinds", nargs="+", default=DEFAULT_STYLE["kinds"], choices=sorted(KIND_COLOURS),
+                        help="shape kinds, one class each")
+    parser.add_argument("--first_category_id", type=int, default=1, help="category id of the first kind")
+    parser.add_argument("--max_objects", type=int, default=MAX_OBJECTS, help="most objects per image")
+    parser.add_argument("--radius", type=float, nargs=2, default=DEFAULT_STYLE["radius"],
+                        help="object radius range as fractions of the short side")
+    parser.add_argument("--colours", default="class", choices=("class", "random"),
+                        help="class: a colour per class (jittered); random: any colour, only the shape tells")
+    parser.add_argument("--boxes_only", action="store_true", help="instances JSON without 'segmentation'")
     args = parser.parse_args()
-    root = ensure_shapes(args.out, args.train_size, args.val_size, args.image_size, args.seed)
+    root = ensure_shapes(args.out, args.train_size, args.val_size, args.image_size, args.seed, kinds=args.kinds,
+                         first_category_id=args.first_category_id, max_objects=args.max_objects,
+                         radius=args.radius, colours=args.colours, boxes_only=args.boxes_only)
     print(f"shapes dataset ready in {root}")
 
 

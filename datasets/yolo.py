@@ -13,24 +13,29 @@ the label folder is then that path with its last `images` part replaced by `labe
 Class index k becomes category id k (so the model gets len(names) classes). Each split becomes a
 pycocotools COCO index (boxes [x, y, w, h] in pixels, area w*h, iscrowd 0; image ids 1.. in file
 order), so training targets and COCO AP are computed exactly as for a COCO-format export.
-A label line with the wrong field count, a class index outside the names, or a value outside
-[0, 1] raises ValueError naming the file and the line.
+A label line with the wrong field count, a class index outside the names, a value outside
+[0, 1], or text that is not UTF-8 raises ValueError naming the file and the line; so do a missing
+labels folder, label files that match no image, two images sharing one label file and a data.yaml
+whose nc disagrees with its names. Images without a label file and label files without an image
+are counted in a note.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 from pathlib import Path
 
-import PIL.Image
 from pycocotools.coco import COCO
 
-from datasets.coco import CocoDetection
+from datasets.annotation_checks import read_utf8_text
+from datasets.coco import CocoDetection, upright_size
 from datasets.transforms import transforms_from_args
 
+logger = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
 def _scalar(text: str) -> str:
@@ -48,7 +53,7 @@ def read_data_yaml(path: Path) -> dict[str, object]:
     `names: [a, b]`, and `names:` followed by indented `- a` items or `0: a` pairs.
     """
     out: dict[str, object] = {}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_utf8_text(path).splitlines()
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -99,19 +104,48 @@ def _indexed(path: Path, names: dict[int, str]) -> list[str]:
 
 
 def class_names(root: Path) -> list[str]:
-    """Class names from ROOT/data.yaml (names, else nc numbered names) or ROOT/classes.txt."""
+    """Class names from ROOT/data.yaml (names, else nc numbered names) or ROOT/classes.txt.
+
+    data.yaml's nc must equal the number of its names.
+    """
     for name in ("data.yaml", "data.yml"):
         if (root / name).is_file():
-            config = read_data_yaml(root / name)
-            if config.get("names"):
-                return list(config["names"])  # type: ignore[arg-type]
-            if config.get("nc"):
-                return [str(k) for k in range(int(config["nc"]))]  # type: ignore[arg-type]
-            raise ValueError(f"{root / name} has neither 'names' nor 'nc'")
+            return _yaml_names(root / name)
     if (root / "classes.txt").is_file():
-        return [line.strip() for line in (root / "classes.txt").read_text(encoding="utf-8").splitlines()
-                if line.strip()]
+        return _classes_txt(root / "classes.txt")
     raise FileNotFoundError(f"--dataset_file yolo: no data.yaml or classes.txt in {root} (class names are needed)")
+
+
+def _classes_txt(path: Path) -> list[str]:
+    return [line.strip() for line in read_utf8_text(path).splitlines() if line.strip()]
+
+
+def _note_other_names(root: Path, names: list[str]) -> None:
+    """A classes.txt beside data.yaml that lists other names is noted (data.yaml wins, as in YOLO tools)."""
+    if (root / "classes.txt").is_file() and any((root / n).is_file() for n in ("data.yaml", "data.yml")):
+        listed = _classes_txt(root / "classes.txt")
+        if listed != names:
+            logger.warning("%s lists other class names (%s) than data.yaml (%s): data.yaml's are used",
+                           root / "classes.txt", ", ".join(listed[:10]), ", ".join(names[:10]))
+
+
+def _yaml_names(path: Path) -> list[str]:
+    config = read_data_yaml(path)
+    count = None
+    if config.get("nc") is not None:
+        try:
+            count = int(str(config["nc"]))
+        except ValueError:
+            raise ValueError(f"{path}: nc: {config['nc']!r} is not a number of classes") from None
+    names = list(config.get("names") or [])  # type: ignore[call-overload]
+    if names and count is not None and count != len(names):
+        raise ValueError(f"{path}: nc: {count} but names lists {len(names)} ({', '.join(names[:10])}); "
+                         "make them agree (one name per class index)")
+    if names:
+        return names
+    if count:
+        return [str(k) for k in range(count)]
+    raise ValueError(f"{path} has neither 'names' nor 'nc'")
 
 
 def split_folders(root: Path, image_set: str) -> tuple[Path, Path]:
@@ -141,21 +175,10 @@ def split_folders(root: Path, image_set: str) -> tuple[Path, Path]:
     return images, labels
 
 
-def _upright_size(path: Path) -> tuple[int, int]:
-    """(width, height) as the decoder returns the image (EXIF orientation applied)."""
-    try:
-        with PIL.Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"unreadable image {path}: {err}; the file is damaged or not an image") from None
-    return (height, width) if orientation in _ROTATED else (width, height)
-
-
 def _read_labels(path: Path, num_names: int) -> list[tuple[int, list[float]]]:
     """[(class index, [cx, cy, w, h])] of a label file; errors name the file and line."""
     boxes = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8_text(path).splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -179,19 +202,53 @@ def _read_labels(path: Path, num_names: int) -> list[tuple[int, list[float]]]:
 
 
 def yolo_to_coco(images: Path, labels: Path, names: list[str]) -> COCO:
-    """The split as a pycocotools COCO index: images in sorted path order with ids 1.., boxes in pixels."""
+    """The split as a pycocotools COCO index: images in sorted path order with ids 1.., boxes in pixels.
+
+    Refused: no images, no labels folder, two images sharing one label file (same stem), label
+    files none of which matches an image. Noted with counts: images without a label file (no
+    objects, YOLO's convention) and label files without an image (unused).
+    """
     files = sorted((p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
                    key=lambda p: p.relative_to(images).as_posix())
     if not files:
         raise FileNotFoundError(f"--dataset_file yolo: no images in {images}")
+    if not labels.is_dir():
+        nearest = next(folder for folder in labels.parents if folder.is_dir())
+        raise FileNotFoundError(f"--dataset_file yolo: labels folder not found: {labels} (the labels of {images} "
+                                "are looked for in the same path with 'images' replaced by 'labels'; "
+                                f"{nearest} holds: {', '.join(sorted(p.name for p in nearest.iterdir())[:10])}); "
+                                "put the .txt files there")
+    label_of = {path: labels / path.relative_to(images).with_suffix(".txt") for path in files}
+    by_label: dict[Path, Path] = {}
+    for path, label_file in label_of.items():
+        if label_file in by_label:
+            raise ValueError(f"--dataset_file yolo: {by_label[label_file]} and {path} share the label file "
+                             f"{label_file} (labels are paired with images by name): rename or remove one")
+        by_label[label_file] = path
+    label_files = {p for p in labels.rglob("*.txt") if p.name != "classes.txt"}
+    unlabelled = {path for path, label_file in label_of.items()
+                  if label_file not in label_files and not label_file.is_file()}
+    if len(unlabelled) == len(files) and label_files:
+        example = min(label_files)
+        raise ValueError(f"--dataset_file yolo: none of the {len(files)} images in {images} has a label file in "
+                         f"{labels} (looked for e.g. {label_of[files[0]].name}; the folder holds {len(label_files)} "
+                         f"other .txt files, e.g. {example.name}): name each label file after its image")
+    if unlabelled:
+        logger.warning("%s: %d of %d images have no label file in %s and count as pictures without objects "
+                       "(first: %s)", images, len(unlabelled), len(files), labels,
+                       min(unlabelled).relative_to(images).as_posix())
+    unused = sorted(label_files - set(label_of.values()))
+    if unused:
+        logger.warning("%s: %d label file(s) have no image in %s and are not used (first: %s)",
+                       labels, len(unused), images, unused[0].relative_to(labels).as_posix())
     dataset: dict[str, list] = {"images": [], "annotations": [],
                                 "categories": [{"id": k, "name": n} for k, n in enumerate(names)]}
     for image_id, path in enumerate(files, start=1):
         relative = path.relative_to(images)
-        width, height = _upright_size(path)
+        width, height = upright_size(path)
         dataset["images"].append({"id": image_id, "file_name": relative.as_posix(), "width": width, "height": height})
-        label_file = labels / relative.with_suffix(".txt")
-        if not label_file.is_file():  # YOLO's convention: an image without a label file has no objects
+        label_file = label_of[path]
+        if path in unlabelled:
             continue
         for index, (cx, cy, w, h) in _read_labels(label_file, len(names)):
             box = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
@@ -230,6 +287,8 @@ def build(image_set: str, args) -> CocoDetection:
                          "segmentations (--dataset_file custom)")
     root = _root(args)
     names = class_names(root)
+    if image_set == "train":
+        _note_other_names(root, names)
     images, labels = split_folders(root, image_set)
     return CocoDetection(images, labels, transforms=transforms_from_args(image_set, args),
                          num_classes=getattr(args, "num_classes", None),

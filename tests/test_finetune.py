@@ -16,7 +16,7 @@ import torch
 
 import main
 from models import build_model
-from util.finetune import adapt_for_finetune
+from util.finetune import adapt_for_finetune, init_class_prior, param_groups
 
 # The released layouts, kept in the repository (see tests/test_state_dict.py).
 SPEC = Path(__file__).resolve().parent / "data" / "state_dict"
@@ -162,8 +162,8 @@ def _three_class_data(root: Path) -> list[str]:
 def test_main_finetune_logs_exactly_the_reinitialised_tensors(tmp_path, repo_root):
     """A 91-class, 100-query checkpoint (tiny widths) fine-tuned by main.py to 3 classes and 20 queries.
 
-    With both learning rates 0 the saved weights show what --finetune loaded: the checkpoint's
-    everywhere except the three re-initialised tensors.
+    The run logs the three re-initialised tensors and trains them at their new shapes; what
+    --finetune loads (main._load_finetune) is the checkpoint's everywhere else.
     """
     source_args = main.get_args_parser().parse_args(TINY + ["--backbone_weights", "checkpoint", "--num_classes", "91"])
     torch.manual_seed(1)
@@ -174,7 +174,7 @@ def test_main_finetune_logs_exactly_the_reinitialised_tensors(tmp_path, repo_roo
     run = tmp_path / "run"
     command = [sys.executable, str(repo_root / "main.py"), *TINY, *_three_class_data(tmp_path / "data"),
                "--finetune", str(tmp_path / "coco_like.pth"), "--num_queries", "20", "--epochs", "1",
-               "--eval_every", "0", "--lr", "0", "--lr_backbone", "0", "--batch_size", "2", "--output_dir", str(run)]
+               "--eval_every", "0", "--batch_size", "2", "--output_dir", str(run)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if "re-initialised" in line]
@@ -186,7 +186,64 @@ def test_main_finetune_logs_exactly_the_reinitialised_tensors(tmp_path, repo_roo
 
     tuned = load_checkpoint(run / "checkpoint.pth")["model"]
     assert tuned["class_embed.weight"].shape == (4, 32) and tuned["query_embed.weight"].shape == (20, 32)
+    target_args = main.get_args_parser().parse_args(TINY + ["--backbone_weights", "checkpoint", "--num_classes", "3",
+                                                            "--num_queries", "20"])
+    target, _, _ = build_model(target_args)
+    main._load_finetune(target, str(tmp_path / "coco_like.pth"), torch.load(tmp_path / "coco_like.pth",
+                                                                            weights_only=False))
     original = source.state_dict()
-    for key, value in tuned.items():
+    for key, value in target.state_dict().items():
         if key not in REINITIALISED and not key.endswith("num_batches_tracked"):
             assert torch.equal(value, original[key]), key
+
+
+def test_param_groups_default_is_the_original_pair_and_head_gets_its_own_lr():
+    model, _, _ = build_model(main.get_args_parser().parse_args(TINY + ["--backbone_weights", "none",
+                                                                        "--num_classes", "9"]))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    plain = param_groups(named, 1e-5)
+    assert len(plain) == 2 and plain[1]["lr"] == 1e-5 and "lr" not in plain[0]
+    assert [id(p) for p in plain[0]["params"]] == [id(p) for n, p in named if "backbone" not in n]
+    split = param_groups(named, 1e-5, head_lr=3e-3)
+    head = {id(p) for p in split[2]["params"]}
+    assert split[2]["lr"] == 3e-3 and head == {id(model.class_embed.weight), id(model.class_embed.bias),
+                                               id(model.query_embed.weight)}
+    assert not head & {id(p) for p in split[0]["params"]}
+    assert len(split[0]["params"]) + len(split[2]["params"]) == len(plain[0]["params"])
+
+
+def test_class_prior_sets_the_softmax_of_a_fresh_head():
+    model, _, _ = build_model(main.get_args_parser().parse_args(TINY + ["--backbone_weights", "none",
+                                                                        "--num_classes", "9"]))
+    assert init_class_prior(model, 0.3, [6, 7, 8]) == ["class_embed.bias"]
+    probabilities = model.class_embed.bias.detach().softmax(0)
+    assert probabilities[-1].item() == pytest.approx(0.7, abs=1e-4)
+    assert probabilities[6:9].tolist() == pytest.approx([0.1] * 3, abs=1e-4)
+    assert probabilities[:6].max().item() < 1e-5
+    with pytest.raises(ValueError, match="--class_prior 1.0"):
+        init_class_prior(model, 1.0, [6])
+
+
+def test_finetune_options_freeze_the_backbone_and_give_the_head_its_lr(tmp_path):
+    source_args = main.get_args_parser().parse_args(TINY + ["--backbone_weights", "checkpoint", "--num_classes", "91"])
+    torch.manual_seed(1)
+    source, _, _ = build_model(source_args)
+    torch.save({"model": source.state_dict(), "args": source_args}, tmp_path / "source.pth")
+    flags = [*TINY, *_three_class_data(tmp_path / "data"), "--finetune", str(tmp_path / "source.pth"),
+             "--num_queries", "20", "--epochs", "1", "--eval_every", "0", "--lr", "1e-3", "--lr_backbone", "1e-3",
+             "--batch_size", "2", "--output_dir", str(tmp_path / "run"), "--head_lr_mult", "10",
+             "--class_prior", "0.2", "--freeze_backbone_epochs", "1"]
+    main.main(main.get_args_parser().parse_args(flags))
+
+    from util.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    tuned, original = checkpoint["model"], source.state_dict()
+    backbone = [k for k in tuned if k.startswith("backbone.") and "layer4" in k and k.endswith("weight")]
+    assert backbone and all(torch.equal(tuned[k], original[k]) for k in backbone)  # frozen: unchanged
+    assert not torch.equal(tuned["transformer.decoder.layers.0.linear1.weight"],
+                           original["transformer.decoder.layers.0.linear1.weight"])
+    groups = checkpoint["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 1e-2])
+    assert not set(groups[1]["params"]) & set(checkpoint["optimizer"]["state"])  # no Adam state either
+    assert set(groups[2]["params"]) <= set(checkpoint["optimizer"]["state"])

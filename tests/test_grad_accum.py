@@ -163,11 +163,12 @@ def test_ddp_accumulation_equals_one_big_batch(tmp_path):
     _assert_close(ddp["grads"], whole)
 
 
-def test_main_refuses_zero_steps_before_any_work(tmp_path):
+def test_main_refuses_zero_steps_before_any_work(tmp_path, capsys):
     import main
 
-    args = main.get_args_parser().parse_args(["--device", "cpu", "--dataset_file", "shapes", "--grad_accum_steps", "0",
-                                              "--data_path", str(tmp_path / "shapes")])
-    with pytest.raises(ValueError, match="--grad_accum_steps 0: must be 1 or more"):
-        main.main(args)
+    with pytest.raises(SystemExit) as exit_info:
+        main.get_args_parser().parse_args(["--device", "cpu", "--dataset_file", "shapes", "--grad_accum_steps", "0",
+                                           "--data_path", str(tmp_path / "shapes")])
+    assert exit_info.value.code == 2
+    assert "argument --grad_accum_steps: must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "shapes").exists()

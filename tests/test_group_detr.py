@@ -11,6 +11,7 @@ import main
 from models import build_model
 from models.matcher import HungarianMatcher
 from util.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from util.flag_types import parse_flags
 
 NUM_CLASSES = 5
 Q = 6
@@ -190,5 +191,9 @@ def test_a_plain_checkpoint_still_refuses_unknown_keys():
 
 
 def test_group_detr_below_one_is_refused():
-    with pytest.raises(ValueError, match="--group_detr"):
-        _build(0)
+    with pytest.raises(SystemExit, match="--group_detr: must be an integer >= 1, got 0"):
+        parse_flags(main.get_args_parser(), ["--group_detr", "0"])  # on the command line
+    args = _args(1)
+    args.group_detr = 0
+    with pytest.raises(ValueError, match="--group_detr"):  # and by the model builder, for other callers
+        build_model(args)

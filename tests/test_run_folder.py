@@ -366,12 +366,18 @@ def test_bad_log_line_stops_the_run_naming_file_and_line(one_epoch, shapes, tmp_
 ])
 def test_interrupt_mid_epoch_is_one_line_and_keeps_the_checkpoint(shapes, tmp_path, signum, to_group, status, said):
     out = tmp_path / "run"
-    proc = _start(_command(shapes, out, "--epochs", "2", "--num_workers", "2"))
-    _wait_for(lambda: (out / "checkpoint.pth").exists(), proc, "epoch 0's checkpoint")
-    time.sleep(1.0)  # into epoch 1
+    proc = _start(_command(shapes, out, "--epochs", "2", "--num_workers", "2", "--print_freq", "1"),
+                  PYTHONUNBUFFERED="1")
+    seen = []  # stdout read up to epoch 1's first progress line: the signal then lands inside epoch 1
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("Epoch: [1]"):
+            break
+    assert (out / "checkpoint.pth").exists(), "".join(seen)[-4000:]
     before = _hashes(out)
     (os.killpg if to_group else os.kill)(proc.pid, signum)
     stdout, stderr = proc.communicate(timeout=120)
+    stdout = "".join(seen) + stdout
     result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert result.returncode == status, stderr[-4000:]
     assert _error_line(result) == (f"error: {said} in epoch 1; the last saved checkpoint {out / 'checkpoint.pth'} "

@@ -162,3 +162,50 @@ def test_generation_says_what_and_where_once(tmp_path, capsys):
     assert lines[1].startswith("shapes: done in ") and len(lines) == 2
     shapes.ensure_shapes(tmp_path / "said", train_size=2, val_size=1, image_size=32)
     assert capsys.readouterr().out == ""  # reused silently
+
+
+def test_default_style_leaves_the_marker_and_files_of_the_plain_call(root, tmp_path):
+    explicit = shapes.ensure_shapes(tmp_path / "explicit", train_size=40, val_size=4, image_size=48,
+                                    **shapes.DEFAULT_STYLE)
+    assert (explicit / "shapes.json").read_bytes() == (root / "shapes.json").read_bytes()
+    assert json.loads((root / "shapes.json").read_text()).keys() == {
+        "format_version", "train_size", "val_size", "image_size", "seed"}
+    for name in ("annotations/instances_train2017.json", "train2017/000011.jpg", "panoptic_val2017/000002.png"):
+        assert (explicit / name).read_bytes() == (root / name).read_bytes()
+
+
+def test_variant_kinds_ids_counts_colours_and_boxes_only(tmp_path):
+    style = dict(kinds=["star", "cross", "hexagon"], first_category_id=6, max_objects=8, radius=[0.06, 0.12],
+                 colours="random", boxes_only=True)
+    root = shapes.ensure_shapes(tmp_path / "v", train_size=30, val_size=2, image_size=96, **style)
+    instances = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    assert [(c["id"], c["name"]) for c in instances["categories"]] == [(6, "star"), (7, "cross"), (8, "hexagon")]
+    assert {a["category_id"] for a in instances["annotations"]} == {6, 7, 8}
+    assert all("segmentation" not in a for a in instances["annotations"])
+    counts = {}
+    for ann in instances["annotations"]:
+        counts[ann["image_id"]] = counts.get(ann["image_id"], 0) + 1
+        image = next(i for i in instances["images"] if i["id"] == ann["image_id"])
+        short = min(image["width"], image["height"])
+        assert max(ann["bbox"][2:]) <= 2 * 0.12 * short + 2  # radius fraction of the short side
+    assert max(counts.values()) > 5 and max(counts.values()) <= 8
+    # random colours: the same class comes in very different colours
+    pixels = np.asarray(Image.open(root / "train2017" / "000001.jpg"), dtype=np.int32)
+    colours = []
+    for ann in instances["annotations"]:
+        if ann["image_id"] == 1:
+            x, y, w, h = ann["bbox"]
+            colours.append(pixels[int(y + h / 2), int(x + w / 2)])
+    assert len(colours) >= 2
+    assert json.loads((root / "shapes.json").read_text())["kinds"] == style["kinds"]
+    with pytest.raises(ValueError, match="already holds"):  # another style is another generation
+        shapes.ensure_shapes(tmp_path / "v", train_size=30, val_size=2, image_size=96)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"kinds": ["blob"]}, "kinds"), ({"first_category_id": 3}, "stuff ids"), ({"max_objects": 0}, "max_objects"),
+    ({"radius": [0.3, 0.2]}, "radius"), ({"colours": "grey"}, "colours"), ({"size": 3}, "unknown style field")])
+def test_bad_style_fields_are_named(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        shapes.ensure_shapes(tmp_path / "bad", train_size=2, val_size=1, image_size=32, **bad)
+    assert not (tmp_path / "bad").exists()

@@ -3,8 +3,16 @@
 The original's users deleted `class_embed.*` and `query_embed.weight` from a COCO checkpoint and
 loaded it with `strict=False`, which also silently skipped anything else that did not fit.
 `adapt_for_finetune` does the same re-initialisation on purpose and refuses everything else.
+
+Options that help a re-initialised head learn new classes (off by default; any run may use them):
+`param_groups` gives the class head and the queries their own learning rate (--head_lr_mult),
+`init_class_prior` starts the class logits at a prior (--class_prior) instead of uniform, and
+`set_frozen` holds the backbone still for the first epochs (--freeze_backbone_epochs).
 """
 from __future__ import annotations
+
+import math
+from typing import Iterable
 
 import torch
 
@@ -70,3 +78,63 @@ def adapt_for_finetune(
             "to the checkpoint):\n  " + "\n  ".join(problems)
         )
     return adapted, reinitialised
+
+
+def is_head_parameter(name: str) -> bool:
+    """True for the class head and the query embeddings (the task-shaped tensors), nested or not."""
+    return tuple(name.split(".")[-2:]) in _TASK_SHAPED
+
+
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], lr_backbone: float,
+                 head_lr: float | None = None) -> list[dict]:
+    """AdamW parameter groups of the trainable `named` parameters.
+
+    [everything else (lr = the optimizer's --lr), backbone (lr_backbone)], as the original; with
+    `head_lr`, a third group: the class head and query embeddings at head_lr (taken out of the first).
+    The groups depend on names only, so a --resume rebuilds the same ones.
+    """
+    head = [p for n, p in named if head_lr is not None and "backbone" not in n and is_head_parameter(n)]
+    head_ids = {id(p) for p in head}
+    groups = [
+        {"params": [p for n, p in named if "backbone" not in n and id(p) not in head_ids]},
+        {"params": [p for n, p in named if "backbone" in n], "lr": lr_backbone},
+    ]
+    if head_lr is not None:
+        groups.append({"params": head, "lr": head_lr})
+    return groups
+
+
+def init_class_prior(model: torch.nn.Module, prior: float, category_ids: Iterable[int]) -> list[str]:
+    """Set the bias of every class head (`*class_embed`, num_classes + 1 outputs, the last one
+    "no object") so that, before training, a query's softmax is about: no object 1 - prior, each
+    of the dataset's `category_ids` prior / their count, ids with no category 1e-6.
+
+    DETR has a softmax with a no-object class rather than focal loss's sigmoids, so the prior is
+    the share of queries that find an object (objects per image / --num_queries is a fair value):
+    a fresh head then starts near the answer most queries need instead of at a uniform guess.
+    Returns the names of the biases set. Raises ValueError for a prior outside (0, 1).
+    """
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"--class_prior {prior}: the share of queries that find an object must be in (0, 1), "
+                         "e.g. objects per image / --num_queries; 0 = off")
+    ids = sorted(set(int(i) for i in category_ids))
+    done = []
+    for name, module in model.named_modules():
+        if name.split(".")[-1] != "class_embed" or not isinstance(module, torch.nn.Linear):
+            continue
+        num_classes = module.out_features - 1
+        present = [i for i in ids if 0 <= i < num_classes] or list(range(num_classes))
+        bias = torch.full((module.out_features,), math.log(1e-6))
+        bias[present] = math.log(prior / len(present))
+        bias[-1] = math.log(1.0 - prior)
+        with torch.no_grad():
+            module.bias.copy_(bias.to(module.bias.dtype))
+        done.append(f"{name}.bias")
+    return done
+
+
+def set_frozen(params: Iterable[torch.nn.Parameter], frozen: bool) -> None:
+    """requires_grad off (frozen) or on for `params`: a frozen parameter gets no gradient, so the
+    optimizer skips it (unchanged, no Adam state update) and the backward pass stops before it."""
+    for p in params:
+        p.requires_grad_(not frozen)
