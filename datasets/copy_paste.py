@@ -1,9 +1,8 @@
 """Copy-paste augmentation (Ghiasi et al., "Simple Copy-Paste", CVPR 2021), training only.
 
 Objects cut out of another training image along their instance polygons are pasted into this
-one at random free places (`--copy_paste N`: up to N objects per image). More objects per image
-pass means more matched queries per step: on the shapes demo it is what lifted the 12-epoch
-recipe the most (benchmarks/README.md). The model is unchanged; only the training images are.
+one at random free places (`--copy_paste N`: up to N objects per image), so each step matches
+more queries to objects (docs/convergence.md). The model is unchanged; only the training images are.
 """
 from __future__ import annotations
 

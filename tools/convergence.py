@@ -55,6 +55,10 @@ RECIPES = {
         "head": "--lr_backbone 1e-4 --epochs 12 --lr_drop 10 --head_lr_mult 10 --class_prior 0.3",
         "head_dense": "--lr_backbone 1e-4 --epochs 12 --lr_drop 10 --head_lr_mult 10 --class_prior 0.3 "
                       "--freeze_backbone_epochs 1 --mosaic 0.5 --box_paste 2 --aug_off_epochs 2",
+        "head_groups": "--lr_backbone 1e-4 --epochs 12 --lr_drop 10 --head_lr_mult 10 --class_prior 0.3 "
+                       "--group_detr 20 --set_cost_class 2 --eos_coef 0.3",
+        "head_groups_b2": "--lr_backbone 1e-4 --epochs 12 --lr_drop 10 --head_lr_mult 10 --class_prior 0.3 "
+                          "--group_detr 20 --set_cost_class 2 --eos_coef 0.3 --batch_size 2",
     },
 }
 BASE_RECIPE = f"{FAST} --epochs 12 --lr_drop 10 --copy_paste 3"  # the README's fast line: the model users start from
@@ -80,6 +84,9 @@ VARIANTS = {
     "finetune": {
         "new_three": ("tune", {"train_size": 64, "val_size": 64, "image_size": 128,
                                "style": {"kinds": ["pentagon", "hexagon", "star"], "first_category_id": 6}}),
+        "new_three_random_colours": ("tune", {"train_size": 64, "val_size": 64, "image_size": 128,
+                                              "style": {"kinds": ["pentagon", "hexagon", "star"],
+                                                        "first_category_id": 6, "colours": "random"}}),
         "new_random_colours": ("held_out", {"train_size": 64, "val_size": 64, "image_size": 160,
                                             "style": {"kinds": ["star", "cross", "hexagon"], "first_category_id": 6,
                                                       "colours": "random"}}),
