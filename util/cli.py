@@ -33,6 +33,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from util.checkpoint import CHECKPOINT_NAME, CheckpointError, find_in_chain
 
@@ -134,8 +135,16 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _quiet_lost_connections(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """sys.excepthook while an interrupted run shuts down: multiprocessing's fd-sharing thread calls
+    it when a DataLoader worker dies mid-handshake; that broken connection is the interrupt's doing."""
+    if not issubclass(kind, (ConnectionError, EOFError)):
+        sys.__excepthook__(kind, value, tb)
+
+
 def _exit_interrupted(err: KeyboardInterrupt) -> None:
     print(f"error: {interrupt_message(err)}", file=sys.stderr, flush=True)
+    sys.excepthook = _quiet_lost_connections
     if threading.current_thread() is threading.main_thread():
         # DataLoader workers got the signal too; torch's SIGCHLD handler would report each one's
         # end as a failure while the loaders shut down.
