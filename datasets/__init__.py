@@ -12,7 +12,13 @@ from pathlib import Path
 import torch
 from pycocotools.coco import COCO
 
-from datasets import coco, coco_panoptic, custom, object_augment, shapes, yolo
+from datasets import coco, coco_panoptic, custom, object_augment, yolo
+
+
+def _shapes():
+    # Imported on use, so that `python -m datasets.shapes` does not find itself already imported.
+    from datasets import shapes
+    return shapes
 
 DATASET_FILES = ("coco", "coco_panoptic", "shapes", "shapes_panoptic", "custom", "yolo")
 
@@ -63,9 +69,9 @@ def _build(image_set: str, args) -> torch.utils.data.Dataset:
     if kind == "coco_panoptic":
         return coco_panoptic.build(image_set, args)
     if kind == "shapes":
-        return shapes.build(image_set, args)
+        return _shapes().build(image_set, args)
     if kind == "shapes_panoptic":
-        return shapes.build_panoptic(image_set, args)
+        return _shapes().build_panoptic(image_set, args)
     if kind == "yolo":
         return yolo.build(image_set, args)
     return custom.build(image_set, args)
@@ -94,7 +100,7 @@ def evaluation_ground_truth(args, dataset_val) -> COCO:
     if kind == "coco_panoptic" and getattr(args, "coco_path", None):
         instances = Path(args.coco_path) / "annotations" / "instances_val2017.json"
     elif kind == "shapes_panoptic":
-        instances = shapes.ensure_from_args(args) / "annotations" / "instances_val2017.json"
+        instances = _shapes().ensure_from_args(args) / "annotations" / "instances_val2017.json"
     if instances is not None and instances.is_file():
         return coco.load_coco_api(instances)
     return get_coco_api_from_dataset(dataset_val)
@@ -102,7 +108,7 @@ def evaluation_ground_truth(args, dataset_val) -> COCO:
 
 def _shapes_categories(panoptic: bool) -> list[dict]:
     # Fixed by the generator: no need to generate (or even find) the data to know them.
-    return shapes.categories(with_stuff=panoptic)
+    return _shapes().categories(with_stuff=panoptic)
 
 
 def _required(args) -> tuple[int | None, int | None]:
