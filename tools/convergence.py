@@ -43,8 +43,9 @@ from datasets.shapes import ensure_shapes  # noqa: E402
 MODEL = ("--device cpu --backbone resnet18 --backbone_weights none --hidden_dim 128 --enc_layers 2 --dec_layers 2 "
          "--dim_feedforward 256 --num_queries 10 --dropout 0 --augment flip --image_scale 0.16 --batch_size 4 "
          "--print_freq 128")
-FAST = "--lr 2e-4 --lr_backbone 2e-4 --group_detr 10 --ema 0.995 --set_cost_class 2 --eos_coef 0.3"
-FAST_K20 = FAST.replace("--group_detr 10", "--group_detr 20")  # the earlier candidates (docs/convergence.md)
+FAST_COMMON = "--lr 2e-4 --lr_backbone 2e-4 --ema 0.995 --set_cost_class 2 --eos_coef 0.3"
+FAST = f"{FAST_COMMON} --group_detr 10"
+FAST_K20 = f"{FAST_COMMON} --group_detr 20"  # the earlier candidates (docs/convergence.md)
 RECIPES = {
     "scratch": {
         "plain": "--lr_backbone 1e-4 --epochs 24 --lr_drop 18",
