@@ -75,6 +75,23 @@ def test_run_logs_and_saves_the_average(grouped_ema_run):
     assert any(not torch.equal(ema_ckpt["model"][k], ckpt["model"][k]) for k in ckpt["model"])
 
 
+def test_the_average_does_not_change_the_trained_weights(grouped_ema_run):
+    """The fast line dropped --ema on this ground: a run without it trains bit for bit the same weights."""
+    tmp, out = grouped_ema_run
+    plain_out = tmp / "run_without_ema"
+    args = main.get_args_parser().parse_args([*TINY, "--data_path", str(tmp / "shapes"), "--epochs", "2",
+                                              "--group_detr", "3", "--output_dir", str(plain_out)])
+    main.main(args)
+    with_ema, without = load_checkpoint(out / "checkpoint.pth"), load_checkpoint(plain_out / "checkpoint.pth")
+    assert "ema" not in without and not (plain_out / "checkpoint_ema.pth").exists()
+    assert with_ema["model"].keys() == without["model"].keys()
+    for key, tensor in with_ema["model"].items():
+        assert torch.equal(tensor, without["model"][key]), key
+    losses = [[json.loads(line)["train_loss"] for line in (run / "log.txt").read_text().splitlines()]
+              for run in (out, plain_out)]
+    assert losses[0] == losses[1]
+
+
 def test_grouped_ema_checkpoint_evaluates_as_a_plain_model(grouped_ema_run, capsys):
     """--eval (no --group_detr) on the EMA checkpoint of a K=3 run: the groups are left out with a note."""
     tmp, out = grouped_ema_run

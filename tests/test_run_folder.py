@@ -366,7 +366,9 @@ def test_bad_log_line_stops_the_run_naming_file_and_line(one_epoch, shapes, tmp_
 ])
 def test_interrupt_mid_epoch_is_one_line_and_keeps_the_checkpoint(shapes, tmp_path, signum, to_group, status, said):
     out = tmp_path / "run"
-    proc = _start(_command(shapes, out, "--epochs", "2", "--num_workers", "2", "--print_freq", "1"),
+    # 32 iterations an epoch (not the fixture's 4), so that a slow or busy machine still signals inside epoch 1
+    proc = _start(_command(shapes, out, "--epochs", "2", "--num_workers", "2", "--print_freq", "1",
+                           "--data_path", str(tmp_path / "shapes64"), "--shapes_train_size", "64"),
                   PYTHONUNBUFFERED="1")
     seen = []  # stdout read up to epoch 1's first progress line: the signal then lands inside epoch 1
     for line in proc.stdout:
