@@ -81,7 +81,7 @@ VARIANTS = {
         "random_colours": ("held_out", {"train_size": 512, "val_size": 64, "image_size": 160,
                                         "style": {"colours": "random"}}),
         # The independent check's kind of data: only the outline tells the class, and enough pictures that the
-        # plain line learns outlines in its 24 epochs (on random_colours' 512 it does not).
+        # plain line starts to learn outlines in its 24 epochs (on random_colours' 512 it hardly does).
         "random_colours_1024": ("held_out", {"train_size": 1024, "val_size": 64, "image_size": 160,
                                              "style": {"colours": "random"}}),
         "boxes_only": ("held_out", {"train_size": 512, "val_size": 64, "image_size": 160,
