@@ -46,6 +46,8 @@ MODEL = ("--device cpu --backbone resnet18 --backbone_weights none --hidden_dim 
 FAST_COMMON = "--lr 2e-4 --lr_backbone 2e-4 --set_cost_class 2 --eos_coef 0.3"
 FAST = f"{FAST_COMMON} --group_detr 10"
 FAST_K20 = f"{FAST_COMMON} --group_detr 20"  # the earlier candidates (docs/convergence.md)
+FINETUNE = "--lr_backbone 1e-4 --epochs 12 --lr_drop 10"
+HEAD = f"{FINETUNE} --head_lr_mult 10 --class_prior 0.3"  # the README's fine-tune line
 RECIPES = {
     "scratch": {
         "plain": "--lr_backbone 1e-4 --epochs 24 --lr_drop 18",
@@ -57,14 +59,11 @@ RECIPES = {
         "fast_groups": f"{FAST_K20} --epochs 12 --lr_drop 10",
     },
     "finetune": {
-        "plain": "--lr_backbone 1e-4 --epochs 12 --lr_drop 10",
-        "head": "--lr_backbone 1e-4 --epochs 12 --lr_drop 10 --head_lr_mult 10 --class_prior 0.3",
-        "head_dense": "--lr_backbone 1e-4 --epochs 12 --lr_drop 10 --head_lr_mult 10 --class_prior 0.3 "
-                      "--freeze_backbone_epochs 1 --mosaic 0.5 --box_paste 2 --aug_off_epochs 2",
-        "head_groups": "--lr_backbone 1e-4 --epochs 12 --lr_drop 10 --head_lr_mult 10 --class_prior 0.3 "
-                       "--group_detr 20 --set_cost_class 2 --eos_coef 0.3",
-        "head_groups_b2": "--lr_backbone 1e-4 --epochs 12 --lr_drop 10 --head_lr_mult 10 --class_prior 0.3 "
-                          "--group_detr 20 --set_cost_class 2 --eos_coef 0.3 --batch_size 2",
+        "plain": FINETUNE,
+        "head": HEAD,
+        "head_dense": f"{HEAD} --freeze_backbone_epochs 1 --mosaic 0.5 --box_paste 2 --aug_off_epochs 2",
+        "head_groups": f"{HEAD} --group_detr 20 --set_cost_class 2 --eos_coef 0.3",
+        "head_groups_b2": f"{HEAD} --group_detr 20 --set_cost_class 2 --eos_coef 0.3 --batch_size 2",
     },
 }
 BASE_RECIPE = RECIPES["scratch"]["fast"]  # the README's fast line: the model users start from
