@@ -9,7 +9,8 @@ Generated deterministically (seeded) on first use, laid out like COCO so every C
 Categories: 1 circle, 2 square, 3 triangle (things), 4 sky, 5 ground (stuff, panoptic only).
 Variants (tools/convergence.py draws its benchmark sets with them; the defaults give the files above):
 other shape kinds and category ids (`kinds`, `first_category_id`), object counts and sizes
-(`max_objects`, `radius`), colours that say nothing about the class (`colours="random"`), and
+(`max_objects`, `radius`), colours that say nothing about the class (`colours="random"`), a
+colour per class drawn at random for the dataset instead of the fixed ones (`colours="palette"`), and
 boxes-only instance files (`boxes_only`: no `segmentation`, as many YOLO and COCO exports).
 Generation happens in a temporary sibling folder renamed into place, so an interrupted run
 never leaves a half-written dataset; a folder holding another generation is an error.
@@ -68,12 +69,24 @@ def _overlap(a: list[float], b: list[float]) -> float:
     return w * h / smaller
 
 
-def _draw_scene(rng: np.random.Generator, image_size: int, style: dict = DEFAULT_STYLE):
+def class_colours(style: dict, seed: int) -> dict[str, tuple[int, int, int]]:
+    """{kind: RGB} each class is drawn in (before jitter): KIND_COLOURS, or with colours="palette" a
+    colour per kind drawn from `seed` alone, so both splits of a dataset share it."""
+    if style["colours"] != "palette":
+        return {kind: KIND_COLOURS[kind] for kind in style["kinds"]}
+    drawn = np.random.default_rng([seed, 2]).integers(0, 256, (len(style["kinds"]), 3))
+    return {kind: tuple(int(c) for c in rgb) for kind, rgb in zip(style["kinds"], drawn)}
+
+
+def _draw_scene(rng: np.random.Generator, image_size: int, style: dict = DEFAULT_STYLE,
+                colours: dict | None = None):
     """One image: (RGB uint8 [H,W,3], segment-id map int32 [H,W], segments, things).
 
     segments: [(segment id, category id)] in id order; things: [(category id, polygon)].
     `style`: DEFAULT_STYLE's keys; with the defaults the random draws are those of the original scene.
+    `colours`: class_colours' {kind: RGB} (default KIND_COLOURS).
     """
+    colours = colours or KIND_COLOURS
     kinds, first = style["kinds"], style["first_category_id"]
     aspect = rng.uniform(0.75, 1.33)
     width, height = (image_size, max(16, round(image_size / aspect))) if aspect >= 1 else \
@@ -112,7 +125,7 @@ def _draw_scene(rng: np.random.Generator, image_size: int, style: dict = DEFAULT
             colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         else:
             jitter = rng.integers(-25, 26, 3)
-            colour = tuple(int(c) for c in np.clip(np.array(KIND_COLOURS[kinds[category - first]]) + jitter, 0, 255))
+            colour = tuple(int(c) for c in np.clip(np.array(colours[kinds[category - first]]) + jitter, 0, 255))
         draw.polygon(polygon, fill=colour)
         id_draw.polygon(polygon, fill=category * 1000 + index + 1)
     segments = [(4000, 4), (5000, 5)] + [(c * 1000 + i + 1, c) for i, (c, _) in enumerate(things)]
@@ -123,10 +136,11 @@ def _ids_to_rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
 
 
-def categories(with_stuff: bool, style: dict = DEFAULT_STYLE) -> list[dict]:
+def categories(with_stuff: bool, style: dict = DEFAULT_STYLE, colours: dict | None = None) -> list[dict]:
     """The COCO 'categories' entries: things (and, for panoptic, stuff) with isthing and colour."""
+    colours = colours or KIND_COLOURS
     cats = [{"id": style["first_category_id"] + k, "name": n, "supercategory": "shape", "isthing": 1,
-             "color": list(KIND_COLOURS[n])} for k, n in enumerate(style["kinds"])]
+             "color": list(colours[n])} for k, n in enumerate(style["kinds"])]
     if with_stuff:
         cats += [{"id": i, "name": n, "supercategory": "background", "isthing": 0, "color": list(c)}
                  for i, (n, c) in STUFF.items()]
@@ -137,12 +151,13 @@ def _write_split(root: Path, split: str, size: int, image_size: int, seed: int, 
     from pycocotools import mask as coco_mask
 
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    colours = class_colours(style, seed)
     image_dir, png_dir = root / f"{split}2017", root / f"panoptic_{split}2017"
     image_dir.mkdir()
     png_dir.mkdir()
     images, instances, panoptic = [], [], []
     for image_id in range(1, size + 1):
-        pixels, id_map, segments, things = _draw_scene(rng, image_size, style)
+        pixels, id_map, segments, things = _draw_scene(rng, image_size, style, colours)
         height, width = id_map.shape
         file_name = f"{image_id:06d}.jpg"
         Image.fromarray(pixels).save(image_dir / file_name, quality=90)
@@ -169,9 +184,9 @@ def _write_split(root: Path, split: str, size: int, image_size: int, seed: int, 
         panoptic.append({"image_id": image_id, "file_name": f"{image_id:06d}.png", "segments_info": infos})
     annotations = root / "annotations"
     with open(annotations / f"instances_{split}2017.json", "w") as f:
-        json.dump({"images": images, "annotations": instances, "categories": categories(False, style)}, f)
+        json.dump({"images": images, "annotations": instances, "categories": categories(False, style, colours)}, f)
     with open(annotations / f"panoptic_{split}2017.json", "w") as f:
-        json.dump({"images": images, "annotations": panoptic, "categories": categories(True, style)}, f)
+        json.dump({"images": images, "annotations": panoptic, "categories": categories(True, style, colours)}, f)
 
 
 def scene_style(**changes) -> dict:
@@ -192,8 +207,9 @@ def scene_style(**changes) -> dict:
     if style["max_objects"] < 1 or not 0 < style["radius"][0] <= style["radius"][1] <= 0.5:
         raise ValueError(f"shapes: max_objects {style['max_objects']} must be >= 1 and radius {style['radius']} "
                          "a [min, max] fraction of the short side with 0 < min <= max <= 0.5")
-    if style["colours"] not in ("class", "random"):
-        raise ValueError(f"shapes: colours {style['colours']!r}: 'class' (a colour per class) or 'random'")
+    if style["colours"] not in ("class", "random", "palette"):
+        raise ValueError(f"shapes: colours {style['colours']!r}: 'class' (a colour per class), 'random' (any "
+                         "colour) or 'palette' (a colour per class drawn from the seed)")
     return style
 
 
@@ -301,8 +317,9 @@ def main() -> None:
     parser.add_argument("--max_objects", type=int, default=MAX_OBJECTS, help="most objects per image")
     parser.add_argument("--radius", type=float, nargs=2, default=DEFAULT_STYLE["radius"],
                         help="object radius range as fractions of the short side")
-    parser.add_argument("--colours", default="class", choices=("class", "random"),
-                        help="class: a colour per class (jittered); random: any colour, only the shape tells")
+    parser.add_argument("--colours", default="class", choices=("class", "random", "palette"),
+                        help="class: a fixed colour per class (jittered); random: any colour, only the shape "
+                             "tells; palette: a colour per class drawn from --seed (jittered)")
     parser.add_argument("--boxes_only", action="store_true", help="instances JSON without 'segmentation'")
     args = parser.parse_args()
     root = ensure_shapes(args.out, args.train_size, args.val_size, args.image_size, args.seed, kinds=args.kinds,

@@ -203,6 +203,35 @@ def test_variant_kinds_ids_counts_colours_and_boxes_only(tmp_path):
         shapes.ensure_shapes(tmp_path / "v", train_size=30, val_size=2, image_size=96)
 
 
+def test_palette_draws_a_colour_per_class_from_the_seed(tmp_path):
+    def make(name, colours, seed):
+        root = shapes.ensure_shapes(tmp_path / name, train_size=12, val_size=3, image_size=96, seed=seed,
+                                    kinds=["circle", "square"], colours=colours)
+        return root, [json.loads((root / "annotations" / f"instances_{s}2017.json").read_text())
+                      for s in ("train", "val")]
+
+    root, (train, val) = make("p0", "palette", 0)
+    palette = {c["name"]: c["color"] for c in train["categories"]}
+    assert palette == {c["name"]: c["color"] for c in val["categories"]}  # both splits share it
+    assert palette != {k: list(shapes.KIND_COLOURS[k]) for k in palette}
+    assert {c["name"]: c["color"] for c in make("p1", "palette", 1)[1][0]["categories"]} != palette
+    # the scene draws are those of the fixed colours: same objects and boxes, other colours
+    _, (fixed, _) = make("c0", "class", 0)
+    assert [(a["category_id"], a["bbox"]) for a in train["annotations"]] == \
+        [(a["category_id"], a["bbox"]) for a in fixed["annotations"]]
+    names = {c["id"]: c["name"] for c in train["categories"]}
+    checked = 0
+    for ann in train["annotations"]:
+        x, y, w, h = ann["bbox"]
+        if min(w, h) < 12:
+            continue
+        pixels = np.asarray(Image.open(root / "train2017" / f"{ann['image_id']:06d}.jpg"), dtype=np.int32)
+        centre = pixels[int(y + h / 2), int(x + w / 2)]
+        # jitter of +-25 per channel and JPEG noise; another object may lie on top
+        checked += int(np.abs(centre - np.array(palette[names[ann["category_id"]]])).max() <= 45)
+    assert checked >= len(train["annotations"]) // 2
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"kinds": ["blob"]}, "kinds"), ({"first_category_id": 3}, "stuff ids"), ({"max_objects": 0}, "max_objects"),
     ({"radius": [0.3, 0.2]}, "radius"), ({"colours": "grey"}, "colours"), ({"size": 3}, "unknown style field")])
