@@ -79,7 +79,7 @@ VARIANTS = {
                              "style": {"max_objects": 8, "radius": [0.06, 0.15]}}),
         "random_colours": ("held_out", {"train_size": 512, "val_size": 64, "image_size": 160,
                                         "style": {"colours": "random"}}),
-        # The independent check's kind of data: only the outline tells the class, and enough pictures that the
+        # The outline-only reading of the independent check's data, with enough pictures that the
         # plain line starts to learn outlines in its 24 epochs (on random_colours' 512 it hardly does).
         "random_colours_1024": ("held_out", {"train_size": 1024, "val_size": 64, "image_size": 160,
                                              "style": {"colours": "random"}}),
