@@ -78,15 +78,13 @@ def class_colours(style: dict, seed: int) -> dict[str, tuple[int, int, int]]:
     return {kind: tuple(int(c) for c in rgb) for kind, rgb in zip(style["kinds"], drawn)}
 
 
-def _draw_scene(rng: np.random.Generator, image_size: int, style: dict = DEFAULT_STYLE,
-                colours: dict | None = None):
+def _draw_scene(rng: np.random.Generator, image_size: int, style: dict, colours: dict):
     """One image: (RGB uint8 [H,W,3], segment-id map int32 [H,W], segments, things).
 
     segments: [(segment id, category id)] in id order; things: [(category id, polygon)].
     `style`: DEFAULT_STYLE's keys; with the defaults the random draws are those of the original scene.
-    `colours`: class_colours' {kind: RGB} (default KIND_COLOURS).
+    `colours`: class_colours' {kind: RGB}.
     """
-    colours = colours or KIND_COLOURS
     kinds, first = style["kinds"], style["first_category_id"]
     aspect = rng.uniform(0.75, 1.33)
     width, height = (image_size, max(16, round(image_size / aspect))) if aspect >= 1 else \
