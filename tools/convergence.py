@@ -47,7 +47,9 @@ FAST_COMMON = "--lr 2e-4 --lr_backbone 2e-4 --set_cost_class 2 --eos_coef 0.3"
 FAST = f"{FAST_COMMON} --group_detr 10"
 FAST_K20 = f"{FAST_COMMON} --group_detr 20"  # the earlier candidates (docs/convergence.md)
 FINETUNE = "--lr_backbone 1e-4 --epochs 12 --lr_drop 10"
-HEAD = f"{FINETUNE} --head_lr_mult 10 --class_prior 0.3"  # the README's fine-tune line
+HEAD = f"{FINETUNE} --head_lr_mult 10 --class_prior 0.3"
+# the README's fine-tune line: + the base's query groups kept, the class loss's share of the gradient raised
+HEAD_GROUPS_CLS = f"{HEAD} --group_detr 10 --set_cost_class 2 --eos_coef 0.3 --bbox_loss_coef 1 --giou_loss_coef 1"
 RECIPES = {
     "scratch": {
         "plain": "--lr_backbone 1e-4 --epochs 24 --lr_drop 18",
@@ -64,9 +66,7 @@ RECIPES = {
         "head_dense": f"{HEAD} --freeze_backbone_epochs 1 --mosaic 0.5 --box_paste 2 --aug_off_epochs 2",
         "head_groups": f"{HEAD} --group_detr 20 --set_cost_class 2 --eos_coef 0.3",
         "head_groups_b2": f"{HEAD} --group_detr 20 --set_cost_class 2 --eos_coef 0.3 --batch_size 2",
-        # the class loss's share of the gradient raised (box weights 5 and 2 down to 1 and 1)
-        "head_groups_cls": f"{HEAD} --group_detr 10 --set_cost_class 2 --eos_coef 0.3 --bbox_loss_coef 1 "
-                           "--giou_loss_coef 1",
+        "head_groups_cls": HEAD_GROUPS_CLS,
     },
 }
 BASE_RECIPE = RECIPES["scratch"]["fast"]  # the README's fast line: the model users start from
