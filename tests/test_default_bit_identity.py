@@ -5,12 +5,15 @@ The run uses --no_fast_train: the default fast training path (fast.optimize_for_
 frozen BatchNorm inside its convolution, channels_last) is another summation order by design and
 is held to the plain path's loss within 1e-5 by tests/test_fast_paths.py and test_main_e2e.py.
 
-tests/data/default_run_digest.json holds the sha256 of every tensor of a 2-epoch tiny run's
-checkpoint (model and optimizer state) written by the code before the flags landed, on this
-project's CI machine kind. Floating-point kernels differ between CPU generations, so the digest is
-only comparable on the CPU it was recorded on; elsewhere the test skips, naming both CPUs.
-Regenerate (only when a change is *meant* to alter default numbers): `python tests/test_default_bit_identity.py`.
+tests/data/default_run_digest.json holds, per CPU kind, the sha256 of every tensor of a 2-epoch
+tiny run's checkpoint (model and optimizer state) written by the code before the flags landed
+(commit f18195c, run on that CPU). Floating-point kernels differ between CPU generations, so a
+digest is only comparable on the CPU kind it was recorded on; on another the test skips, naming them.
+Add this CPU kind: run `python tests/test_default_bit_identity.py` in a checkout of f18195c and
+`--add` its entry here. Regenerate (only when a change is *meant* to alter default numbers; it drops
+the other kinds' entries): `python tests/test_default_bit_identity.py --regenerate`.
 """
+import argparse
 import hashlib
 import json
 import sys
@@ -69,19 +72,43 @@ def run_digest(data_path: Path, out: Path, extra: list = ()) -> dict:
     return {**_digest(ckpt["model"], "model."), **_digest(ckpt["optimizer"], "optimizer.")}
 
 
+def references() -> list[dict]:
+    """[{machine, digest}] of tests/data/default_run_digest.json, one per CPU kind."""
+    return json.loads(REFERENCE.read_text())["references"]
+
+
 def test_default_flags_reproduce_the_reference_bit_for_bit(tmp_path):
-    reference = json.loads(REFERENCE.read_text())
-    if reference["machine"] != _machine():
-        pytest.skip(f"the reference digest was recorded on {reference['machine']}, this machine is {_machine()}: "
-                    "float kernels differ between CPUs")
+    mine = [r for r in references() if r["machine"] == _machine()]
+    if not mine:
+        pytest.skip(f"reference digests were recorded on {[r['machine'] for r in references()]}, this machine is "
+                    f"{_machine()}: float kernels differ between CPUs")
+    reference = mine[0]
     digest = run_digest(tmp_path / "shapes", tmp_path / "run")
     assert digest.keys() == reference["digest"].keys()
     changed = [k for k, v in digest.items() if reference["digest"][k] != v]
     assert not changed, f"{len(changed)} tensors differ from the reference, e.g. {changed[:5]}"
 
 
+def _write(entries: list[dict]) -> None:
+    REFERENCE.write_text(json.dumps({"references": entries}, indent=0, sort_keys=True) + "\n")
+
+
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as tmp:
-        digest = run_digest(Path(tmp) / "shapes", Path(tmp) / "run")
-    REFERENCE.write_text(json.dumps({"machine": _machine(), "digest": digest}, indent=0, sort_keys=True) + "\n")
-    print(f"wrote {REFERENCE} ({len(digest)} entries)")
+    parser = argparse.ArgumentParser(description="record the default run's digest")
+    parser.add_argument("--regenerate", action="store_true", help="this code's digest on this CPU, replacing all")
+    parser.add_argument("--add", type=Path, metavar="JSON",
+                        help="add the entries of another checkout's digest file (kept: other CPU kinds')")
+    cli = parser.parse_args()
+    if cli.add:
+        added = json.loads(cli.add.read_text())
+        added = added.get("references", [added])  # f18195c wrote one {machine, digest}
+        kinds = [a["machine"] for a in added]
+        _write([r for r in references() if r["machine"] not in kinds] + added)
+        print(f"added {kinds} to {REFERENCE}")
+    elif cli.regenerate:
+        with tempfile.TemporaryDirectory() as tmp:
+            digest = run_digest(Path(tmp) / "shapes", Path(tmp) / "run")
+        _write([{"machine": _machine(), "digest": digest}])
+        print(f"wrote {REFERENCE} ({len(digest)} entries, {_machine()})")
+    else:
+        parser.error("give --regenerate or --add JSON")
